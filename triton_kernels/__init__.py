@@ -1,0 +1,1 @@
+"""Fused Triton kernels for skyformer-ext, one module per Skyformer stage."""
