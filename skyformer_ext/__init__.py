@@ -1,0 +1,15 @@
+"""skyformer-ext: Skyformer (Gaussian-kernel Nystrom) attention for PyTorch.
+
+Public API:
+    skyformer_attention(q, k, v, ...)   approximate Gaussian-kernel attention with m landmarks
+    kernelized_attention(q, k, v, ...)  the exact kernelized attention it approximates
+    sample_landmarks(...)               landmark row indices into [q; k]
+    reference                           plain, readable PyTorch versions (float64-capable)
+"""
+
+from . import reference
+from .api import kernelized_attention, skyformer_attention
+from .landmarks import sample_landmarks
+
+__all__ = ["skyformer_attention", "kernelized_attention", "sample_landmarks", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""Public entry points: validation, landmark choice and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference, torch_backend
+from .landmarks import sample_landmarks
+
+BACKENDS = ("auto", "torch", "reference")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    _checks.check_choice("backend", backend, BACKENDS)
+    return "torch" if backend == "auto" else backend
+
+
+def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int = 128,
+                        attn_mask: torch.Tensor | None = None, landmarks: str = "random",
+                        landmark_indices: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                        ridge: float = 0.1, inverse: str = "newton_schulz", ns_iters: int = 6,
+                        scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Skyformer attention: a Nystrom approximation of Gaussian-kernel attention with m landmarks.
+
+    Args:
+        q: (batch, heads, n_q, p). k: (batch, kv_heads, n_k, p). v: (batch, kv_heads, n_k, p_v).
+            heads % kv_heads == 0 (GQA/MQA); n_q may differ from n_k.
+        num_landmarks: m, the number of landmarks drawn when ``landmark_indices`` is None (>= 2).
+        attn_mask: optional bool (batch, n_k), True = key takes part (the SDPA convention).
+        landmarks: "random" (the paper) or "strided"; see :func:`sample_landmarks`.
+        landmark_indices: optional (batch, m) int rows of [q; k] (0..n_q-1 queries, then keys); when given
+            no sampling happens.
+        generator: torch.Generator for reproducible sampling.
+        ridge: gamma >= 0 added to the landmark Gram matrix's diagonal.
+        inverse: "newton_schulz" (the paper, ``ns_iters`` iterations) or "cholesky" (exact solve).
+        scale: SDPA meaning (multiplies q.k), default p^-1/2; the kernel is exp(-scale |q - k|^2 / 2).
+        backend: "auto" (fastest available), "torch" (tiled PyTorch), "reference" (plain, materialising).
+
+    Returns:
+        (batch, heads, n_q, p_v) in q's dtype.
+
+    Edge behaviour: a batch row whose keys are all masked returns zeros; NaN inputs give NaN outputs; more
+    landmarks than valid rows is allowed (sampling with replacement, as in the paper). Query rows are never
+    masked (their outputs are defined for every row).
+    """
+    _checks.check_qkv(q, k, v)
+    batch, _, n_q, _ = q.shape
+    n_k = k.shape[2]
+    _checks.check_key_mask(attn_mask, batch, n_k, q.device)
+    _checks.check_positive_int("num_landmarks", num_landmarks, 2)
+    _checks.check_choice("landmarks", landmarks, _checks.STRATEGIES)
+    _checks.check_ridge(ridge)
+    _checks.check_choice("inverse", inverse, _checks.INVERSES)
+    _checks.check_positive_int("ns_iters", ns_iters, 1)
+    _checks.check_scale(scale)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    backend = _resolve_backend(backend, q.device)
+    if landmark_indices is None:
+        landmark_indices = sample_landmarks(batch, n_q, n_k, num_landmarks, attn_mask=attn_mask,
+                                            strategy=landmarks, generator=generator, device=q.device)
+    else:
+        _checks.check_landmark_indices(landmark_indices, batch, n_q + n_k, q.device)
+    scale = _checks.default_scale(scale, q.shape[-1])
+
+    if backend == "reference":
+        return reference.skyformer_attention(q, k, v, landmark_indices, attn_mask=attn_mask, ridge=ridge,
+                                             inverse=inverse, ns_iters=ns_iters, scale=scale)
+    return torch_backend.skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters,
+                                             scale)
+
+
+def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                         attn_mask: torch.Tensor | None = None, scale: float | None = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """Exact Kernelized Attention kappa(Q, K) V (the model Skyformer approximates), no normalisation.
+
+    Same shapes, mask and ``scale`` conventions as :func:`skyformer_attention`. backend "torch" tiles the
+    computation (O(tile) extra memory, no n_q x n_k matrix); "reference" materialises it. A batch row whose
+    keys are all masked returns zeros.
+    """
+    _checks.check_qkv(q, k, v)
+    _checks.check_key_mask(attn_mask, q.shape[0], k.shape[2], q.device)
+    _checks.check_scale(scale)
+    backend = _resolve_backend(backend, q.device)
+    if backend == "reference":
+        return reference.kernelized_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return torch_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))

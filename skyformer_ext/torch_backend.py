@@ -1,0 +1,152 @@
+"""The fast PyTorch path (backend="torch"): what CPU users run and the baseline the fused kernels must beat.
+
+Everything is built on one tiled primitive, ``gaussian_attention(queries, keys, values)`` =
+kappa(queries, keys) @ values with padded keys dropped. Its forward streams (query tile x key tile) blocks
+and its backward recomputes them, so nothing larger than one tile is ever stored. Because kappa is
+symmetric, every Skyformer stage is an instance of it:
+
+- key summary   Z = kappa(K, L)^T V = gaussian_attention(L, K, V, key_mask)   (tiles over keys)
+- query apply   O = kappa(Q, L) Y   = gaussian_attention(Q, L, Y)             (tiles over queries)
+- kernelized attention itself      = gaussian_attention(Q, K, V, key_mask)
+
+Within a tile the exponent scale * (q.k - |q|^2/2 - |k|^2/2) comes out of a single baddbmm (the key norms
+ride in as its bias, the query norms are added after), then exp_ runs in place while the tile is in cache.
+kappa <= 1, so no running max is needed. GQA is handled by stacking the query heads of a group against
+their shared key head (no copies of k or v).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference, solve
+from .landmarks import gather_landmarks
+
+# Elements of one (query tile x key tile) block summed over batch*kv_heads: ~8 MiB of fp32, sized so the
+# exponentials run from cache while each matmul stays large enough for the BLAS to be efficient.
+TILE_ELEMENTS = 1 << 21
+
+
+def _tile_sizes(batch_heads: int, n_rows: int, n_cols: int) -> tuple[int, int]:
+    budget = max(TILE_ELEMENTS // max(batch_heads, 1), 1024)
+    col_tile = min(n_cols, max(budget // max(min(n_rows, 256), 1), 64))
+    row_tile = min(n_rows, max(budget // col_tile, 16))
+    return row_tile, col_tile
+
+
+def _grouped(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(b, H, r, d) -> (b*kv_heads, g*r, d): the g query heads of a group stacked along rows."""
+    b, heads, rows, d = t.shape
+    return t.reshape(b, kv_heads, heads // kv_heads, rows, d).reshape(b * kv_heads, (heads // kv_heads) * rows, d)
+
+
+def _ungrouped(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """Inverse of _grouped."""
+    bk, grows, d = t.shape
+    return t.reshape(batch, heads, grows * bk // (batch * heads), d)
+
+
+def _exponent_tile(q_tile, q_bias, k_tile, k_bias, scale, key_keep):
+    """kappa(q_tile, k_tile) as a (bk, rows, cols) tensor; q/k_bias = -scale/2 |x|^2; masked keys -> 0."""
+    tile = torch.baddbmm(k_bias, q_tile, k_tile.transpose(1, 2), alpha=scale)
+    tile.add_(q_bias).exp_()
+    if key_keep is not None:
+        tile.masked_fill_(~key_keep, 0.0)
+    return tile
+
+
+def _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+    """Yields (start, stop, k, k_bias, v, keep) per key tile, upcast to the compute dtype; padded v rows
+    are zeroed so that NaN/inf there cannot leak into the output."""
+    n_cols = keys.shape[1]
+    for start in range(0, n_cols, col_tile):
+        stop = min(start + col_tile, n_cols)
+        k = keys[:, start:stop].to(cdtype)
+        k_bias = (-0.5 * scale) * (k * k).sum(-1).unsqueeze(1)
+        v = values[:, start:stop].to(cdtype)
+        keep = None
+        if key_mask is not None:
+            keep = key_mask[:, start:stop].unsqueeze(1)
+            v = v.masked_fill(~keep.transpose(1, 2), 0.0)
+        yield start, stop, k, k_bias, v, keep
+
+
+class _GaussianAttention(torch.autograd.Function):
+    """kappa(queries, keys) @ values on 3-D (bk, rows, d) operands; key_mask (bk, n_k) bool or None."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, values, key_mask, scale, out_dtype):
+        cdtype = _checks.compute_dtype(queries.dtype)
+        bk, n_rows, _ = queries.shape
+        row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
+        out = torch.empty(bk, n_rows, values.shape[-1], dtype=out_dtype, device=queries.device)
+        for r0 in range(0, n_rows, row_tile):
+            q = queries[:, r0:r0 + row_tile].to(cdtype)
+            q_bias = (-0.5 * scale) * (q * q).sum(-1, keepdim=True)
+            acc = torch.zeros(bk, q.shape[1], values.shape[-1], dtype=cdtype, device=q.device)
+            for _, _, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+                acc.baddbmm_(_exponent_tile(q, q_bias, k, k_bias, scale, keep), v)
+            out[:, r0:r0 + row_tile] = acc
+        ctx.save_for_backward(queries, keys, values, key_mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        queries, keys, values, key_mask = ctx.saved_tensors
+        scale = ctx.scale
+        cdtype = _checks.compute_dtype(queries.dtype)
+        bk, n_rows, _ = queries.shape
+        row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
+        grad_q = torch.empty(queries.shape, dtype=cdtype, device=queries.device)
+        grad_k = torch.zeros(keys.shape, dtype=cdtype, device=keys.device)
+        grad_v = torch.zeros(values.shape, dtype=cdtype, device=values.device)
+        for r0 in range(0, n_rows, row_tile):
+            q = queries[:, r0:r0 + row_tile].to(cdtype)
+            q_bias = (-0.5 * scale) * (q * q).sum(-1, keepdim=True)
+            d_out = grad_out[:, r0:r0 + row_tile].to(cdtype)
+            dq = torch.zeros_like(q)
+            dq_rowsum = torch.zeros(bk, q.shape[1], 1, dtype=cdtype, device=q.device)
+            for c0, c1, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+                kernel = _exponent_tile(q, q_bias, k, k_bias, scale, keep)
+                grad_v[:, c0:c1].baddbmm_(kernel.transpose(1, 2), d_out)
+                # dS = (dO V^T) * kappa, then the Gaussian's chain rule on both sides.
+                d_score = torch.bmm(d_out, v.transpose(1, 2)).mul_(kernel)
+                dq.baddbmm_(d_score, k)
+                dq_rowsum += d_score.sum(-1, keepdim=True)
+                grad_k[:, c0:c1].baddbmm_(d_score.transpose(1, 2), q)
+                grad_k[:, c0:c1].sub_(k * d_score.sum(1).unsqueeze(-1))
+            grad_q[:, r0:r0 + row_tile] = scale * (dq - q * dq_rowsum)
+        grad_k.mul_(scale)
+        return (grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype), None, None, None)
+
+
+def gaussian_attention(queries, keys, values, key_mask, scale: float, out_dtype=None) -> torch.Tensor:
+    """kappa(queries, keys) @ values per head; (b, H, r, p), (b, Hk, n, p), (b, Hk, n, pv) -> (b, H, r, pv).
+
+    H must be a multiple of Hk (grouped heads share keys); key_mask (b, n) bool, True = key counts.
+    """
+    batch, heads = queries.shape[:2]
+    kv_heads = keys.shape[1]
+    mask3 = None
+    if key_mask is not None:
+        mask3 = key_mask.repeat_interleave(kv_heads, dim=0) if kv_heads > 1 else key_mask
+    out = _GaussianAttention.apply(
+        _grouped(queries, kv_heads), keys.reshape(batch * kv_heads, keys.shape[2], keys.shape[3]),
+        values.reshape(batch * kv_heads, values.shape[2], values.shape[3]), mask3, scale,
+        out_dtype or queries.dtype)
+    return _ungrouped(out, batch, heads)
+
+
+def kernelized_attention(q, k, v, attn_mask, scale: float) -> torch.Tensor:
+    return gaussian_attention(q, k, v, attn_mask, scale)
+
+
+def skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters, scale) -> torch.Tensor:
+    """Landmarks -> Gram -> landmark solve -> key summary -> query apply, evaluated right to left."""
+    cdtype = _checks.compute_dtype(q.dtype)
+    landmarks = gather_landmarks(q, k, landmark_indices).to(cdtype)
+    gram = reference.landmark_gram(landmarks, scale)
+    summary = gaussian_attention(landmarks, k, v, attn_mask, scale, out_dtype=cdtype)
+    landmark_values = solve.landmark_solve(gram, summary, ridge, inverse, ns_iters)
+    return gaussian_attention(q, landmarks, landmark_values, None, scale, out_dtype=q.dtype)
