@@ -29,11 +29,11 @@ class PeakMemory(TorchDispatchMode):
         self._seen.discard(key)
         self.live_bytes -= nbytes
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, input_storages: set[int]) -> None:
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if key == 0 or key in self._seen:
-            return  # empty, or a view / in-place result of a storage we already count
+        if key == 0 or key in self._seen or key in input_storages:
+            return  # empty, already counted, or a view / in-place result of an op's input
         nbytes = storage.nbytes()
         self._seen.add(key)
         self.live_bytes += nbytes
@@ -43,8 +43,11 @@ class PeakMemory(TorchDispatchMode):
         weakref.finalize(storage, self._release, key, nbytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        input_storages = {t.untyped_storage().data_ptr()
+                          for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor):
-                self._track(t)
+                self._track(t, input_storages)
         return out
