@@ -28,9 +28,10 @@ TILE_ELEMENTS = 1 << 21
 
 
 def _tile_sizes(batch_heads: int, n_rows: int, n_cols: int) -> tuple[int, int]:
-    budget = max(TILE_ELEMENTS // max(batch_heads, 1), 1024)
-    col_tile = min(n_cols, max(budget // max(min(n_rows, 256), 1), 64))
-    row_tile = min(n_rows, max(budget // col_tile, 16))
+    """(row tile, column tile): whole rows of keys when they fit, at least 16 x 16."""
+    budget = max(TILE_ELEMENTS // max(batch_heads, 1), 256)
+    col_tile = max(min(n_cols, budget // max(min(n_rows, 256), 1)), min(n_cols, 16), 1)
+    row_tile = max(min(n_rows, budget // col_tile), min(n_rows, 16), 1)
     return row_tile, col_tile
 
 
