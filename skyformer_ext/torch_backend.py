@@ -9,8 +9,9 @@ symmetric, every Skyformer stage is an instance of it:
 - query apply   O = kappa(Q, L) Y   = gaussian_attention(Q, L, Y)             (tiles over queries)
 - kernelized attention itself      = gaussian_attention(Q, K, V, key_mask)
 
-Within a tile the exponent scale * (q.k - |q|^2/2 - |k|^2/2) comes out of a single baddbmm (the key norms
-ride in as its bias, the query norms are added after), then exp_ runs in place while the tile is in cache.
+Within a tile the exponent scale * (q.k - |q|^2/2 - |k|^2/2) comes out of a single bmm of augmented
+operands [q, -scale|q|^2/2, 1] . [scale k, 1, -scale|k|^2/2] (no bias pass over the tile), then exp_ runs in
+place while the tile is in cache.
 kappa <= 1, so no running max is needed. GQA is handled by stacking the query heads of a group against
 their shared key head (no copies of k or v).
 """
@@ -47,29 +48,39 @@ def _ungrouped(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return t.reshape(batch, heads, grows * bk // (batch * heads), d)
 
 
-def _exponent_tile(q_tile, q_bias, k_tile, k_bias, scale, key_keep):
-    """kappa(q_tile, k_tile) as a (bk, rows, cols) tensor; q/k_bias = -scale/2 |x|^2; masked keys -> 0."""
-    tile = torch.baddbmm(k_bias, q_tile, k_tile.transpose(1, 2), alpha=scale)
-    tile.add_(q_bias).exp_()
+def _augmented_queries(q: torch.Tensor, scale: float) -> torch.Tensor:
+    """[q, -scale/2 |q|^2, 1]: paired with _augmented_keys, one bmm yields the whole exponent."""
+    norms = (-0.5 * scale) * (q * q).sum(-1, keepdim=True)
+    return torch.cat([q, norms, torch.ones_like(norms)], dim=-1)
+
+
+def _augmented_keys(k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[scale k, 1, -scale/2 |k|^2]."""
+    norms = (-0.5 * scale) * (k * k).sum(-1, keepdim=True)
+    return torch.cat([scale * k, torch.ones_like(norms), norms], dim=-1)
+
+
+def _kernel_tile(q_aug, k_aug, key_keep):
+    """kappa as a (bk, rows, cols) tile: exp of scale * (q.k - |q|^2/2 - |k|^2/2); masked keys -> 0."""
+    tile = torch.bmm(q_aug, k_aug.transpose(1, 2)).exp_()
     if key_keep is not None:
         tile.masked_fill_(~key_keep, 0.0)
     return tile
 
 
 def _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
-    """Yields (start, stop, k, k_bias, v, keep) per key tile, upcast to the compute dtype; padded v rows
+    """Yields (start, stop, k, k_aug, v, keep) per key tile, upcast to the compute dtype; padded v rows
     are zeroed so that NaN/inf there cannot leak into the output."""
     n_cols = keys.shape[1]
     for start in range(0, n_cols, col_tile):
         stop = min(start + col_tile, n_cols)
         k = keys[:, start:stop].to(cdtype)
-        k_bias = (-0.5 * scale) * (k * k).sum(-1).unsqueeze(1)
         v = values[:, start:stop].to(cdtype)
         keep = None
         if key_mask is not None:
             keep = key_mask[:, start:stop].unsqueeze(1)
             v = v.masked_fill(~keep.transpose(1, 2), 0.0)
-        yield start, stop, k, k_bias, v, keep
+        yield start, stop, k, _augmented_keys(k, scale), v, keep
 
 
 class _GaussianAttention(torch.autograd.Function):
@@ -82,11 +93,10 @@ class _GaussianAttention(torch.autograd.Function):
         row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
         out = torch.empty(bk, n_rows, values.shape[-1], dtype=out_dtype, device=queries.device)
         for r0 in range(0, n_rows, row_tile):
-            q = queries[:, r0:r0 + row_tile].to(cdtype)
-            q_bias = (-0.5 * scale) * (q * q).sum(-1, keepdim=True)
-            acc = torch.zeros(bk, q.shape[1], values.shape[-1], dtype=cdtype, device=q.device)
-            for _, _, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
-                acc.baddbmm_(_exponent_tile(q, q_bias, k, k_bias, scale, keep), v)
+            q_aug = _augmented_queries(queries[:, r0:r0 + row_tile].to(cdtype), scale)
+            acc = torch.zeros(bk, q_aug.shape[1], values.shape[-1], dtype=cdtype, device=queries.device)
+            for _, _, _, k_aug, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+                acc.baddbmm_(_kernel_tile(q_aug, k_aug, keep), v)
             out[:, r0:r0 + row_tile] = acc
         ctx.save_for_backward(queries, keys, values, key_mask)
         ctx.scale = scale
@@ -104,12 +114,12 @@ class _GaussianAttention(torch.autograd.Function):
         grad_v = torch.zeros(values.shape, dtype=cdtype, device=values.device)
         for r0 in range(0, n_rows, row_tile):
             q = queries[:, r0:r0 + row_tile].to(cdtype)
-            q_bias = (-0.5 * scale) * (q * q).sum(-1, keepdim=True)
+            q_aug = _augmented_queries(q, scale)
             d_out = grad_out[:, r0:r0 + row_tile].to(cdtype)
             dq = torch.zeros_like(q)
             dq_rowsum = torch.zeros(bk, q.shape[1], 1, dtype=cdtype, device=q.device)
-            for c0, c1, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
-                kernel = _exponent_tile(q, q_bias, k, k_bias, scale, keep)
+            for c0, c1, k, k_aug, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+                kernel = _kernel_tile(q_aug, k_aug, keep)
                 grad_v[:, c0:c1].baddbmm_(kernel.transpose(1, 2), d_out)
                 # dS = (dO V^T) * kappa, then the Gaussian's chain rule on both sides.
                 d_score = torch.bmm(d_out, v.transpose(1, 2)).mul_(kernel)
