@@ -120,3 +120,11 @@ def test_output_shape_and_dtype_follow_q():
     out = sx.skyformer_attention(q, k, v, num_landmarks=4)
     assert out.shape == (B, H, NQ, 5) and out.dtype == torch.bfloat16
     assert sx.kernelized_attention(q, k, v).shape == (B, H, NQ, 5)
+
+
+def test_device_mismatch_is_rejected():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="k is on meta"):
+        sx.skyformer_attention(q, k.to("meta"), v, num_landmarks=4)
+    with pytest.raises(ValueError, match="attn_mask is on meta"):
+        sx.kernelized_attention(q, k, v, attn_mask=torch.ones(B, NK, dtype=torch.bool, device="meta"))
