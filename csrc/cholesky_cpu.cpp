@@ -16,9 +16,9 @@ namespace skyformer {
 namespace {
 
 // Factors sym(gram) + shift I into upper (m x m row-major, only k >= i written). False on a pivot that is
-// not positive and finite (not positive definite in working precision).
+// not finite and above min_pivot (not positive definite in working precision).
 template <typename scalar_t>
-bool try_factor(const scalar_t* gram, int64_t m, scalar_t shift, scalar_t* upper) {
+bool try_factor(const scalar_t* gram, int64_t m, scalar_t shift, scalar_t min_pivot, scalar_t* upper) {
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t k = i; k < m; ++k) {
       upper[i * m + k] = scalar_t(0.5) * (gram[i * m + k] + gram[k * m + i]) + (i == k ? shift : scalar_t(0));
@@ -27,7 +27,7 @@ bool try_factor(const scalar_t* gram, int64_t m, scalar_t shift, scalar_t* upper
   for (int64_t j = 0; j < m; ++j) {
     scalar_t* row_j = upper + j * m;
     const scalar_t pivot = row_j[j];
-    if (!(pivot > 0) || !std::isfinite(pivot)) {
+    if (!(pivot > min_pivot) || !std::isfinite(pivot)) {
       return false;
     }
     const scalar_t diag = std::sqrt(pivot);
@@ -67,7 +67,7 @@ int32_t factor_with_jitter(const scalar_t* gram, int64_t m, double ridge, scalar
   double jitter = tau;
   for (int32_t step = 0; step <= kMaxJitterSteps; ++step) {
     const double shift = step == 0 ? ridge : ridge + (jitter *= kJitterGrowth);
-    if (try_factor(gram, m, static_cast<scalar_t>(shift), upper)) {
+    if (try_factor(gram, m, static_cast<scalar_t>(shift), static_cast<scalar_t>(tau), upper)) {
       return step;
     }
   }

@@ -41,10 +41,10 @@ __device__ __forceinline__ bool device_isfinite(float x) { return isfinite(x); }
 __device__ __forceinline__ bool device_isfinite(double x) { return isfinite(x); }
 
 // Loads sym(gram) + shift I into packed and factors it in place into L. Returns false (uniformly across the
-// block) when a pivot is not positive and finite.
+// block) when a pivot is not finite and above min_pivot.
 template <typename scalar_t>
-__device__ bool factor_in_shared(const scalar_t* __restrict__ gram, int m, scalar_t shift, scalar_t* packed,
-                                 scalar_t* column) {
+__device__ bool factor_in_shared(const scalar_t* __restrict__ gram, int m, scalar_t shift, scalar_t min_pivot,
+                                 scalar_t* packed, scalar_t* column) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
   __syncthreads();  // a previous attempt may still be reading its last pivot
   for (int i = warp; i < m; i += warps) {
@@ -56,7 +56,7 @@ __device__ bool factor_in_shared(const scalar_t* __restrict__ gram, int m, scala
   __syncthreads();
   for (int j = 0; j < m; ++j) {
     const scalar_t pivot = packed[packed_index(j, j)];
-    if (!(pivot > scalar_t(0)) || !device_isfinite(pivot)) {
+    if (!(pivot > min_pivot) || !device_isfinite(pivot)) {
       return false;
     }
     const scalar_t diag = device_sqrt(pivot);
@@ -167,7 +167,7 @@ __global__ void cholesky_solve_kernel(const scalar_t* __restrict__ gram, const s
     code = kNotPositiveDefinite;
     for (int32_t step = 0; step <= kMaxJitterSteps; ++step) {
       const double shift = step == 0 ? ridge : ridge + (jitter *= kJitterGrowth);
-      if (factor_in_shared(g, m, static_cast<scalar_t>(shift), packed, column)) {
+      if (factor_in_shared(g, m, static_cast<scalar_t>(shift), static_cast<scalar_t>(tau), packed, column)) {
         code = step;
         break;
       }

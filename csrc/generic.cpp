@@ -56,16 +56,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_generic(const at::
   // A non-finite matrix is replaced by the identity so the factorisation cannot misbehave; its results are
   // overwritten with NaN below.
   const at::Tensor base = at::where(non_finite.view({-1, 1, 1}), at::eye(m, g.options()), symmetric);
+  // Cholesky "succeeds" on a pivot that is positive but at rounding level; the policy counts pivots <= tau
+  // (L_jj^2 <= tau) as failures, like the kernels do.
+  const auto factor_failed = [&](const at::Tensor& lower, const at::Tensor& info) {
+    const at::Tensor pivots = lower.diagonal(0, -2, -1).square();
+    return info.ne(0).logical_or(pivots.le(tau.unsqueeze(-1)).any(-1));
+  };
   auto [factor, info] = at::linalg_cholesky_ex(add_to_diagonal(base, at::full_like(tau, ridge)));
   at::Tensor status = at::zeros({problem.batch}, g.options().dtype(at::kInt));
-  at::Tensor failed = info.ne(0);
+  at::Tensor failed = factor_failed(factor, info).logical_and(non_finite.logical_not());
   double jitter = 1.0;
   for (int32_t step = 1; step <= kMaxJitterSteps && failed.any().item<bool>(); ++step) {
     jitter *= kJitterGrowth;
     auto [retry, retry_info] = at::linalg_cholesky_ex(add_to_diagonal(base, ridge + jitter * tau));
     factor = at::where(failed.view({-1, 1, 1}), retry, factor);
     status = at::where(failed, at::full_like(status, step), status);
-    failed = failed.logical_and(retry_info.ne(0));
+    failed = failed.logical_and(factor_failed(retry, retry_info));
   }
   status = at::where(failed, at::full_like(status, kNotPositiveDefinite), status);
   status = at::where(non_finite, at::full_like(status, kNonFinite), status);

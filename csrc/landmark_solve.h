@@ -15,8 +15,9 @@ namespace skyformer {
 // fallback, and the Python fallback in skyformer_ext/solve.py):
 // - The factored matrix is sym(M) + ridge I with sym(M) = (M + M^T) / 2.
 // - gram holding NaN/Inf: solution and factor are NaN, status kNonFinite (NaN in -> NaN out, no error).
-// - Cholesky fails (pivot <= 0 in working precision): retry with ridge + tau * 10^s, s = 1..kMaxJitterSteps,
-//   tau = m * eps(dtype) * max_i |M_ii| (1 when that is 0); status = the step that succeeded (0 = none).
+// - Cholesky fails when a pivot (L_jj^2) is not finite or <= tau = m * eps(dtype) * max_i |M_ii| (max_i |M_ii|
+//   taken as 1 when it is 0), i.e. the matrix is not positive definite in working precision: retry with
+//   ridge + tau * 10^s, s = 1..kMaxJitterSteps; status = the step that succeeded (0 = none).
 // - Still failing: solution and factor NaN, status kNotPositiveDefinite. The Python wrapper warns once on
 //   any escalation and raises on kNotPositiveDefinite.
 constexpr int32_t kNonFinite = -1;

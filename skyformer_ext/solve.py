@@ -7,8 +7,8 @@ implementation with identical semantics (warned once).
 
 inverse="cholesky" solves with sym(M) + ridge I, sym(M) = (M + M^T)/2, and never forms an inverse.
 Failure policy (identical in every implementation):
-- a landmark matrix that is not positive definite in working precision (duplicate landmarks with
-  ridge=0) is retried with ridge + tau * 10^s, s = 1, 2, 3, tau = m * eps(dtype) * max_i |M_ii|; the first
+- a landmark matrix that is not positive definite in working precision (a Cholesky pivot <= tau, e.g.
+  duplicate landmarks with ridge=0) is retried with ridge + tau * 10^s, s = 1, 2, 3, tau = m * eps(dtype) * max_i |M_ii|; the first
   escalation in a process emits one RuntimeWarning;
 - if it still fails, torch.linalg.LinAlgError is raised (nothing silently wrong reaches training);
 - a gram holding NaN/Inf gives NaN for that matrix's Y (NaN in -> NaN out), without warning or error.
@@ -82,9 +82,13 @@ def _factor_with_jitter(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor,
     tau = m * torch.finfo(gram.dtype).eps * diag_scale
     # Non-finite matrices are factored as the identity; their results become NaN below.
     base = torch.where(non_finite[:, None, None], eye, 0.5 * (gram + gram.transpose(-1, -2)))
+
+    def factor_failed(lower, info):  # a pivot L_jj^2 <= tau counts as a failure, as in the kernels
+        return (info != 0) | (lower.diagonal(0, -2, -1).square() <= tau[:, None]).any(-1)
+
     factor, info = torch.linalg.cholesky_ex(base + ridge * eye)
     status = torch.zeros(gram.shape[0], dtype=torch.int32, device=gram.device)
-    failed = info != 0
+    failed = factor_failed(factor, info) & ~non_finite
     jitter = 1.0
     for step in range(1, MAX_JITTER_STEPS + 1):
         if not bool(failed.any()):
@@ -93,7 +97,7 @@ def _factor_with_jitter(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor,
         retry, retry_info = torch.linalg.cholesky_ex(base + (ridge + jitter * tau)[:, None, None] * eye)
         factor = torch.where(failed[:, None, None], retry, factor)
         status = torch.where(failed, torch.full_like(status, step), status)
-        failed = failed & (retry_info != 0)
+        failed = failed & factor_failed(retry, retry_info)
     status = torch.where(failed, torch.full_like(status, NOT_POSITIVE_DEFINITE), status)
     status = torch.where(non_finite, torch.full_like(status, NON_FINITE), status)
     factor = torch.where((failed | non_finite)[:, None, None], torch.full_like(factor, float("nan")), factor)
@@ -107,7 +111,7 @@ class _FallbackCholeskySolve(torch.autograd.Function):
     def forward(ctx, gram, summary, ridge):
         m, p = gram.shape[-1], summary.shape[-1]
         factor, status = _factor_with_jitter(gram.reshape(-1, m, m), ridge)
-        solution = torch.cholesky_solve(summary.reshape(-1, m, p), factor).reshape(summary.shape)
+        solution = torch.cholesky_solve(summary.reshape(factor.shape[0], m, p), factor).reshape(summary.shape)
         ctx.save_for_backward(factor, solution)
         ctx.mark_non_differentiable(status)
         return solution, status.reshape(gram.shape[:-2])
@@ -116,7 +120,8 @@ class _FallbackCholeskySolve(torch.autograd.Function):
     def backward(ctx, grad_solution, _grad_status):
         factor, solution = ctx.saved_tensors
         m, p = factor.shape[-1], grad_solution.shape[-1]
-        grad_summary = torch.cholesky_solve(grad_solution.reshape(-1, m, p), factor).reshape(solution.shape)
+        grad_summary = torch.cholesky_solve(grad_solution.reshape(factor.shape[0], m, p), factor)
+        grad_summary = grad_summary.reshape(solution.shape)
         outer = grad_summary @ solution.transpose(-1, -2)
         return -0.5 * (outer + outer.transpose(-1, -2)), grad_summary, None
 
