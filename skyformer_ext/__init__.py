@@ -10,6 +10,7 @@ Public API:
 from . import reference
 from .api import kernelized_attention, skyformer_attention
 from .landmarks import sample_landmarks
+from ._extension import build_info
 
 __all__ = ["skyformer_attention", "kernelized_attention", "sample_landmarks", "reference"]
 __version__ = "0.1.0"
