@@ -76,12 +76,13 @@ def _kappa_tile(a, a_half_norm, b, b_half_norm, scale_log2):
 
 
 @triton.jit
-def _key_keep(mask_base, stride_mask, key0, n_keys, BLOCK_KEYS: tl.constexpr, HAS_MASK: tl.constexpr):
+def _key_keep(mask_base, stride_mask, key0, n_keys, has_mask, BLOCK_KEYS: tl.constexpr):
+    """Keys in range and (when has_mask) not padded. has_mask is a runtime flag: the predicated-off mask
+    load costs nothing, and one compiled variant serves masked and unmasked calls."""
     keys = key0 + tl.arange(0, BLOCK_KEYS)
     keep = keys < n_keys
-    if HAS_MASK:
-        keep = keep & (tl.load(mask_base + keys.to(tl.int64) * stride_mask, mask=keep, other=0) != 0)
-    return keep
+    padded = tl.load(mask_base + keys.to(tl.int64) * stride_mask, mask=keep & (has_mask != 0), other=1) == 0
+    return keep & ~padded
 
 
 @triton.jit
@@ -89,9 +90,9 @@ def gaussian_attention_fwd_kernel(
         X, Y, V, MASK, OUT,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         so_s, so_b, so_h, so_r, so_d,
-        n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, scale_log2,
+        n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // heads).to(tl.int64)
     head = pid_bh % heads
@@ -109,13 +110,13 @@ def gaussian_attention_fwd_kernel(
     key_start = split * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, n_keys)
     for key0 in range(key_start, key_stop, BLOCK_K):
-        keep = _key_keep(mask_base, sm_r, key0, key_stop, BLOCK_K, HAS_MASK)
+        keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
         y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
         kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2)
         kappa = tl.where(keep[None, :], kappa, 0.0)
         # Dropped value rows load as 0 so that NaN/inf stored under padding cannot leak into the sum.
-        v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep).to(x.dtype)
-        acc = tl.dot(kappa.to(x.dtype), v, acc, input_precision="ieee")
+        v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
+        acc = tl.dot(kappa.to(v.dtype), v, acc, input_precision="ieee")
 
     rows = row0 + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_DV)
@@ -129,9 +130,9 @@ def gaussian_attention_bwd_rows_kernel(
         X, Y, V, MASK, GRAD_OUT, GRAD_X,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdx_s, sdx_b, sdx_h, sdx_r, sdx_d,
-        n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, scale, scale_log2,
+        n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // heads).to(tl.int64)
     head = pid_bh % heads
@@ -152,7 +153,7 @@ def gaussian_attention_bwd_rows_kernel(
     key_start = split * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, n_keys)
     for key0 in range(key_start, key_stop, BLOCK_K):
-        keep = _key_keep(mask_base, sm_r, key0, key_stop, BLOCK_K, HAS_MASK)
+        keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
         y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
         kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2)
         kappa = tl.where(keep[None, :], kappa, 0.0)
@@ -174,15 +175,15 @@ def gaussian_attention_bwd_keys_kernel(
         X, Y, V, MASK, GRAD_OUT, GRAD_Y, GRAD_V,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdy_s, sdy_b, sdy_h, sdy_r, sdy_d, sdv_s, sdv_b, sdv_h, sdv_r, sdv_d,
-        n_rows, n_keys, kv_heads, group, rows_per_split, dim, dim_v, scale, scale_log2,
+        n_rows, n_keys, kv_heads, group, rows_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr):
     pid_k, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // kv_heads).to(tl.int64)
     kv_head = pid_bh % kv_heads
     key0 = pid_k * BLOCK_K
 
-    keep = _key_keep(MASK + batch * sm_b, sm_r, key0, n_keys, BLOCK_K, HAS_MASK)
+    keep = _key_keep(MASK + batch * sm_b, sm_r, key0, n_keys, has_mask, BLOCK_K)
     y = _load_tile(Y + batch * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r, sy_d, dim, BLOCK_K,
                    BLOCK_D, UPCAST)
     y_half = _half_norm_scaled(y, scale_log2)
@@ -271,42 +272,56 @@ def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg
 
 # ---- launch configuration -----------------------------------------------------------------------------
 
-# Programs we aim for before splitting the streamed axis; a few waves on a 108-132 SM GPU. Under the
-# interpreter (programs run one after another) a small target still exercises the split path.
+# Programs we aim for before splitting a streamed axis: a few waves on a 108-132 SM GPU. Under the
+# interpreter (programs run one after another) a small target still exercises the split path in tests.
 TARGET_PROGRAMS = 8 if INTERPRETER else 512
-HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D buckets: next power of two of the head dim, at least 16
+HEAD_DIMS = (16, 32, 64, 128, 256)  # head-dim buckets: next power of two of max(p, p_v), at least 16
+KERNEL_ROLES = ("fwd", "rows", "keys")
 
 
-def head_block(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+def head_block(dim: int, dim_v: int) -> int:
+    """One bucket for both head dims (p_v != p is rare; one bucket keeps the compiled set small)."""
+    return max(16, triton.next_power_of_2(max(dim, dim_v)))
 
 
-def block_config(block_d: int, block_dv: int, elem_bytes: int) -> dict:
-    """Tile sizes and warps for a head-dim bucket and input element size (2 or 4 bytes).
+def block_config(role: str, block_d: int, elem_bytes: int) -> dict:
+    """Tile sizes, warps and stages of a kernel role for a head-dim bucket and input element size (2 or 4).
 
-    Every kernel uses the same config for a bucket; compile_check enumerates exactly the buckets this
-    function can see (HEAD_DIMS x HEAD_DIMS x {2, 4}) and proves none spills or overflows shared memory.
+    compile_check enumerates exactly KERNEL_ROLES x HEAD_DIMS x {fp16, bf16, fp32} through this function and
+    proves that no choice spills registers or overflows shared memory on sm_80 / sm_90.
     """
-    widest = max(block_d, block_dv)
-    if widest <= 64:
-        return dict(BLOCK_R=64, BLOCK_K=64 if elem_bytes == 2 else 32, num_warps=4, num_stages=2)
-    if widest <= 128:
-        return dict(BLOCK_R=64, BLOCK_K=32, num_warps=4 if elem_bytes == 2 else 8, num_stages=2)
-    return dict(BLOCK_R=32, BLOCK_K=32, num_warps=8, num_stages=1)
+    wide = elem_bytes == 4
+    if role == "fwd":
+        if block_d <= 64:
+            return dict(BLOCK_R=64, BLOCK_K=32 if wide else 64, num_warps=4, num_stages=2)
+        if block_d <= 128:
+            return dict(BLOCK_R=64, BLOCK_K=32, num_warps=4 if not wide else 8, num_stages=2)
+        return dict(BLOCK_R=32 if wide else 64, BLOCK_K=32, num_warps=8, num_stages=1)
+    if role == "rows":
+        if block_d <= 64:
+            return dict(BLOCK_R=64, BLOCK_K=32, num_warps=4, num_stages=2)
+        if block_d <= 128:
+            return dict(BLOCK_R=64 if not wide else 32, BLOCK_K=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_R=32, BLOCK_K=32 if not wide else 16, num_warps=8, num_stages=1)
+    if block_d <= 64:  # keys: two accumulators (dY, dV) per key tile
+        return dict(BLOCK_R=32, BLOCK_K=64 if not wide else 32, num_warps=4, num_stages=2)
+    if block_d <= 128:
+        return dict(BLOCK_R=32, BLOCK_K=32, num_warps=8, num_stages=1)
+    return dict(BLOCK_R=16 if wide else 32, BLOCK_K=32, num_warps=8, num_stages=1)
 
 
 def gram_config(block_d: int) -> dict:
-    return dict(BLOCK=32, num_warps=4, num_stages=1)
+    return dict(BLOCK=32, num_warps=4 if block_d <= 128 else 8, num_stages=1)
 
 
-def split_plan(n_stream: int, block_stream: int, programs: int) -> tuple[int, int]:
-    """(splits, items per split) for a streamed axis of n_stream items in tiles of block_stream.
+def split_plan(n_stream: int, block_stream: int, programs: int, allow_split: bool) -> tuple[int, int]:
+    """(splits, items per split, a multiple of block_stream) for a streamed axis of n_stream items.
 
-    A split owns whole tiles; splits are added only while programs * splits stays under TARGET_PROGRAMS,
-    so the partial-sum buffer (splits x rows) stays bounded as the streamed axis grows.
+    Splits are added only while programs * splits stays under TARGET_PROGRAMS, so a split partial-sum
+    buffer (splits x rows x d) stays bounded however long the streamed axis grows.
     """
     tiles = triton.cdiv(max(n_stream, 1), block_stream)
-    wanted = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(programs, 1))))
+    wanted = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(programs, 1)))) if allow_split else 1
     tiles_per_split = triton.cdiv(tiles, wanted)
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_stream
 
@@ -317,99 +332,113 @@ def _upcast(*tensors: torch.Tensor) -> bool:
     return INTERPRETER and any(t.dtype == torch.bfloat16 for t in tensors)
 
 
-def _mask_args(key_mask: torch.Tensor | None, fallback: torch.Tensor):
+def _mask_args(key_mask: torch.Tensor | None, device):
+    """(uint8 mask, batch stride, key stride, has_mask); a 1-byte placeholder when there is no mask."""
     if key_mask is None:
-        return fallback, 0, 0, False
+        return torch.zeros(1, dtype=torch.uint8, device=device), 0, 0, 0
     mask = key_mask.view(torch.uint8)
-    return mask, mask.stride(0), mask.stride(1), True
+    return mask, mask.stride(0), mask.stride(1), 1
 
 
-def _partial_buffer(splits: int, shape, dtype, device) -> torch.Tensor:
-    """Where programs write: the result itself when unsplit, else float32 slices to add in order."""
-    if splits == 1:
-        return torch.empty(1, *shape, dtype=dtype, device=device)
-    return torch.empty(splits, *shape, dtype=torch.float32, device=device)
+def _buffer(splits: int, shape, dtype, device, split_capable: bool) -> torch.Tensor:
+    """Where programs write: float32 (splits, *shape) slices when the launch may split, else the result."""
+    return torch.empty(splits, *shape, dtype=torch.float32 if split_capable else dtype, device=device)
 
 
 def _reduce_splits(partial: torch.Tensor, dtype) -> torch.Tensor:
-    """Second stage of the split reduction: a fixed-order sum over the split axis (deterministic)."""
-    return partial[0] if partial.shape[0] == 1 else partial.sum(0).to(dtype)
+    """Second stage of a split reduction: a fixed-order sum over the split axis (deterministic)."""
+    total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    return total.to(dtype)
 
 
-def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype) -> torch.Tensor:
-    """kappa(x, y) @ v: x (b, H, r, p), y (b, Hk, n, p), v (b, Hk, n, pv), key_mask (b, n) bool or None."""
+def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_keys: bool = False):
+    """kappa(x, y) @ v: x (b, H, r, p), y (b, Hk, n, p), v (b, Hk, n, pv), key_mask (b, n) bool or None.
+
+    split_keys: cut the key axis into ranges with float32 partials (for few rows, e.g. m landmarks).
+    """
     batch, heads, n_rows, dim = x.shape
     kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
-    cfg = block_config(head_block(dim), head_block(dim_v), x.element_size())
+    v = v.to(x.dtype)  # the query apply's float32 landmark values: m x pv, a negligible copy
+    block_d = head_block(dim, dim_v)
+    cfg = block_config("fwd", block_d, x.element_size())
     row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
-    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads)
-    partial = _partial_buffer(splits, (batch, heads, n_rows, dim_v), out_dtype, x.device)
-    if n_rows == 0:
-        return _reduce_splits(partial, out_dtype)
-    mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x)
-    gaussian_attention_fwd_kernel[(row_tiles, splits, batch * heads)](
-        x, y, v, mask, partial, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *partial.stride(),
-        n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, scale * LOG2_E,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=head_block(dim), BLOCK_DV=head_block(dim_v),
-        HAS_MASK=has_mask, UPCAST=_upcast(x, y, v), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return _reduce_splits(partial, out_dtype)
+    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
+    out = _buffer(splits, (batch, heads, n_rows, dim_v), out_dtype, x.device, split_keys)
+    if n_rows:
+        mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
+        gaussian_attention_fwd_kernel[(row_tiles, splits, batch * heads)](
+            x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *out.stride(),
+            n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale * LOG2_E,
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
+            UPCAST=_upcast(x, y, v), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return _reduce_splits(out, out_dtype)
 
 
-def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, needs_keys: bool = True):
-    """(dx, dy, dv) of gaussian_attention_fwd; dy, dv are None when not needs_keys."""
+def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys: bool = False):
+    """(dx, dy, dv) of gaussian_attention_fwd, each in its input's dtype.
+
+    grad_out in x's dtype or float32 (kept float32 in the kernels: the key summary's dZ may exceed fp16's
+    range). dx streams keys (split like the forward when split_keys); dy, dv stream rows, split as needed,
+    always through float32 partials.
+    """
     batch, heads, n_rows, dim = x.shape
     kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
+    v_dtype = v.dtype
+    v = v.to(x.dtype)
     if grad_out.dtype not in (x.dtype, torch.float32):
         grad_out = grad_out.float()
-    cfg = block_config(head_block(dim), head_block(dim_v), x.element_size())
-    consts = dict(BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=head_block(dim),
-                  BLOCK_DV=head_block(dim_v), UPCAST=_upcast(x, y, v, grad_out), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x)
+    block_d = head_block(dim, dim_v)
+    mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
     common = (*x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *grad_out.stride())
+    upcast = _upcast(x, y, v, grad_out)
 
+    cfg = block_config("rows", block_d, x.element_size())
     row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
-    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads)
-    grad_x = _partial_buffer(splits, x.shape, x.dtype, x.device)
+    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
+    grad_x = _buffer(splits, x.shape, x.dtype, x.device, split_keys)
     if n_rows:
         gaussian_attention_bwd_rows_kernel[(row_tiles, splits, batch * heads)](
             x, y, v, mask, grad_out, grad_x, *common, *grad_x.stride(),
-            n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, scale, scale * LOG2_E,
-            HAS_MASK=has_mask, **consts)
-    grad_x = _reduce_splits(grad_x, x.dtype)
-    if not needs_keys:
-        return grad_x, None, None
+            n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale,
+            scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
+            UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
+    cfg = block_config("keys", block_d, x.element_size())
     key_tiles = triton.cdiv(n_keys, cfg["BLOCK_K"])
-    splits, rows_per_split = split_plan(n_rows, cfg["BLOCK_R"], key_tiles * batch * kv_heads)
-    grad_y = _partial_buffer(splits, y.shape, y.dtype, y.device)
-    grad_v = _partial_buffer(splits, v.shape, v.dtype, v.device)
+    splits, rows_per_split = split_plan(n_rows, cfg["BLOCK_R"], key_tiles * batch * kv_heads, True)
+    grad_y = _buffer(splits, y.shape, y.dtype, y.device, True)
+    grad_v = _buffer(splits, v.shape, v.dtype, v.device, True)
     gaussian_attention_bwd_keys_kernel[(key_tiles, splits, batch * kv_heads)](
         x, y, v, mask, grad_out, grad_y, grad_v, *common, *grad_y.stride(), *grad_v.stride(),
-        n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, scale, scale * LOG2_E,
-        HAS_MASK=has_mask, **consts)
-    return grad_x, _reduce_splits(grad_y, y.dtype), _reduce_splits(grad_v, v.dtype)
+        n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
+        scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return _reduce_splits(grad_x, x.dtype), _reduce_splits(grad_y, y.dtype), _reduce_splits(grad_v, v_dtype)
 
 
 def landmark_gram_fwd(landmarks: torch.Tensor, scale: float) -> torch.Tensor:
     """M = kappa(L, L) in float32: (b, H, m, p) -> (b, H, m, m)."""
     batch, heads, m, dim = landmarks.shape
-    cfg = gram_config(head_block(dim))
+    block_d = head_block(dim, dim)
+    cfg = gram_config(block_d)
     out = torch.empty(batch, heads, m, m, dtype=torch.float32, device=landmarks.device)
     tiles = triton.cdiv(m, cfg["BLOCK"])
     landmark_gram_kernel[(tiles, tiles, batch * heads)](
         landmarks, out, *landmarks.stride(), *out.stride(), m, heads, dim, scale * LOG2_E,
-        BLOCK=cfg["BLOCK"], BLOCK_D=head_block(dim), UPCAST=_upcast(landmarks), num_warps=cfg["num_warps"],
+        BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out
 
 
 def landmark_gram_bwd(grad_gram: torch.Tensor, landmarks: torch.Tensor, scale: float) -> torch.Tensor:
+    """dL from dM (any float dtype; read as float32)."""
     batch, heads, m, dim = landmarks.shape
-    cfg = gram_config(head_block(dim))
+    block_d = head_block(dim, dim)
+    cfg = gram_config(block_d)
     grad_gram = grad_gram.float()
     grad = torch.empty(landmarks.shape, dtype=landmarks.dtype, device=landmarks.device)
     landmark_gram_bwd_kernel[(triton.cdiv(m, cfg["BLOCK"]), batch * heads)](
         landmarks, grad_gram, grad, *landmarks.stride(), *grad_gram.stride(), *grad.stride(), m, heads, dim,
-        scale, scale * LOG2_E, BLOCK=cfg["BLOCK"], BLOCK_D=head_block(dim), UPCAST=_upcast(landmarks),
+        scale, scale * LOG2_E, BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return grad

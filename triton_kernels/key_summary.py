@@ -14,10 +14,11 @@ from .gaussian_tiles import gaussian_attention_bwd, gaussian_attention_fwd
 
 
 def forward(k, v, landmarks, key_mask, scale: float) -> torch.Tensor:
-    return gaussian_attention_fwd(landmarks, k, v, key_mask, scale, torch.float32)
+    return gaussian_attention_fwd(landmarks, k, v, key_mask, scale, torch.float32, split_keys=True)
 
 
 def backward(grad_summary, k, v, landmarks, key_mask, scale: float):
     """(dk, dv, dL). grad_summary (dZ) stays float32 inside the kernels (it may exceed fp16's range)."""
-    grad_landmarks, grad_k, grad_v = gaussian_attention_bwd(grad_summary, landmarks, k, v, key_mask, scale)
+    grad_landmarks, grad_k, grad_v = gaussian_attention_bwd(grad_summary, landmarks, k, v, key_mask, scale,
+                                                            split_keys=True)
     return grad_k, grad_v, grad_landmarks
