@@ -7,12 +7,26 @@ import torch
 from . import _checks, reference, torch_backend
 from .landmarks import sample_landmarks
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """"auto" -> the fused Triton kernels for CUDA float16/bfloat16/float32 tensors when triton imports,
+    else the tiled PyTorch path."""
     _checks.check_choice("backend", backend, BACKENDS)
-    return "torch" if backend == "auto" else backend
+    if backend != "auto":
+        return backend
+    if q.is_cuda and q.dtype != torch.float64 and _triton_importable():
+        return "triton"
+    return "torch"
 
 
 def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int = 128,
@@ -34,7 +48,9 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
         ridge: gamma >= 0 added to the landmark Gram matrix's diagonal.
         inverse: "newton_schulz" (the paper, ``ns_iters`` iterations) or "cholesky" (exact solve).
         scale: SDPA meaning (multiplies q.k), default p^-1/2; the kernel is exp(-scale |q - k|^2 / 2).
-        backend: "auto" (fastest available), "torch" (tiled PyTorch), "reference" (plain, materialising).
+        backend: "auto" (fastest available: "triton" on CUDA, else "torch"), "triton" (fused kernels; CUDA
+            tensors, or CPU under TRITON_INTERPRET=1), "torch" (tiled PyTorch), "reference" (plain,
+            materialising).
 
     Returns:
         (batch, heads, n_q, p_v) in q's dtype.
@@ -55,7 +71,7 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     _checks.check_scale(scale)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    backend = _resolve_backend(backend, q.device)
+    backend = _resolve_backend(backend, q)
     if landmark_indices is None:
         landmark_indices = sample_landmarks(batch, n_q, n_k, num_landmarks, attn_mask=attn_mask,
                                             strategy=landmarks, generator=generator, device=q.device)
@@ -66,6 +82,10 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     if backend == "reference":
         return reference.skyformer_attention(q, k, v, landmark_indices, attn_mask=attn_mask, ridge=ridge,
                                              inverse=inverse, ns_iters=ns_iters, scale=scale)
+    if backend == "triton":
+        from . import triton_backend
+        return triton_backend.skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse,
+                                                  ns_iters, scale)
     return torch_backend.skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters,
                                              scale)
 
@@ -75,14 +95,17 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          backend: str = "auto") -> torch.Tensor:
     """Exact Kernelized Attention kappa(Q, K) V (the model Skyformer approximates), no normalisation.
 
-    Same shapes, mask and ``scale`` conventions as :func:`skyformer_attention`. backend "torch" tiles the
-    computation (O(tile) extra memory, no n_q x n_k matrix); "reference" materialises it. A batch row whose
-    keys are all masked returns zeros.
+    Same shapes, mask and ``scale`` conventions as :func:`skyformer_attention`. backend "triton" is the fused
+    FlashAttention-style kernel and "torch" tiles the computation (both O(n) extra memory, no n_q x n_k
+    matrix); "reference" materialises it. A batch row whose keys are all masked returns zeros.
     """
     _checks.check_qkv(q, k, v)
     _checks.check_key_mask(attn_mask, q.shape[0], k.shape[2], q.device)
     _checks.check_scale(scale)
-    backend = _resolve_backend(backend, q.device)
+    backend = _resolve_backend(backend, q)
     if backend == "reference":
         return reference.kernelized_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    if backend == "triton":
+        from . import triton_backend
+        return triton_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))
     return torch_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))

@@ -1,0 +1,444 @@
+"""The one tiled primitive every stage is built on: Gaussian attention out = kappa(X, Y) @ V.
+
+kappa(x, y) = exp(-scale * |x - y|^2 / 2) = exp(scale * (x.y - |x|^2/2 - |y|^2/2)) on raw (unscaled) rows, so
+the sqrt(scale) scaling, the norms, the exponent and the key mask all happen inside the kernels and no scaled
+copy of any input exists. kappa <= 1: no running max, no rescaling, the accumulators are plain sums.
+
+Because kappa is symmetric, each Skyformer stage is this primitive with a different cast (see the stage
+modules): key summary Z = GA(L, K, V, mask), query apply O = GA(Q, L, Y), kernelized attention GA(Q, K, V,
+mask); the Gram M = kappa(L, L) uses the same kappa tile.
+
+Kernels (one body each for every dtype and stage):
+- ``gaussian_attention_fwd_kernel``: a program per (row tile, split, batch*head) streams the key tiles of its
+  split and accumulates kappa(X_tile, Y_tile) @ V_tile.
+- ``gaussian_attention_bwd_rows_kernel``: dX = scale * (dS @ Y - X * rowsum(dS)), dS = (dO V^T) * kappa;
+  a program per row tile streams key tiles (the same split as the forward).
+- ``gaussian_attention_bwd_keys_kernel``: dY = scale * (dS^T X - Y * colsum(dS)) and dV = kappa^T dO; a
+  program per key tile streams the row tiles of its split, for every query head of its GQA group.
+- ``landmark_gram_kernel``: stores kappa(L_i tile, L_j tile) in float32.
+
+Splits: when (row tiles x heads) alone cannot fill the GPU (the key summary has only m rows), the streamed
+axis is cut into ``splits`` contiguous ranges, each program writes a float32 partial sum to its own slice of
+a (splits, ...) buffer and the host adds the slices in a fixed order: deterministic, no atomics.
+
+Precision: dots take the input dtype with float32 accumulation, input_precision="ieee" (tf32 would cancel
+x.y against the norms for float32 inputs); the norms come from the same loaded values. Under
+TRITON_INTERPRET=1 bfloat16 tiles arrive as raw uint16, so ``UPCAST`` (interpreter only) widens every loaded
+tile to float32 first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- kernels -----------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(base, row0, n_rows, stride_row, stride_col, n_cols, BLOCK_ROWS: tl.constexpr,
+               BLOCK_COLS: tl.constexpr, UPCAST: tl.constexpr, row_keep=None, col0=0):
+    """Rows row0.. and columns col0.. of a strided matrix as a (BLOCK_ROWS, BLOCK_COLS) tile; zero past
+    n_rows / n_cols (counted from row 0 / col0) and on rows where row_keep is False."""
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    cols = cols + col0
+    if row_keep is not None:
+        inside = inside & row_keep[:, None]
+    tile = tl.load(base + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col, mask=inside,
+                   other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _half_norm_scaled(tile, scale_log2):
+    """scale*log2(e) * |row|^2 / 2 in float32, from the same values the dot sees."""
+    wide = tile.to(tl.float32)
+    return (0.5 * scale_log2) * tl.sum(wide * wide, axis=1)
+
+
+@triton.jit
+def _kappa_tile(a, a_half_norm, b, b_half_norm, scale_log2):
+    """kappa(a_i, b_j) for a (R, D) and b (C, D) tile: exp2(scale*log2e*(a.b) - norms), clamped to <= 1."""
+    dots = tl.dot(a, tl.trans(b), input_precision="ieee")
+    exponent = scale_log2 * dots - a_half_norm[:, None] - b_half_norm[None, :]
+    return tl.exp2(tl.minimum(exponent, 0.0))
+
+
+@triton.jit
+def _key_keep(mask_base, stride_mask, key0, n_keys, has_mask, BLOCK_KEYS: tl.constexpr):
+    """Keys in range and (when has_mask) not padded. has_mask is a runtime flag: the predicated-off mask
+    load costs nothing, and one compiled variant serves masked and unmasked calls."""
+    keys = key0 + tl.arange(0, BLOCK_KEYS)
+    keep = keys < n_keys
+    padded = tl.load(mask_base + keys.to(tl.int64) * stride_mask, mask=keep & (has_mask != 0), other=1) == 0
+    return keep & ~padded
+
+
+@triton.jit
+def gaussian_attention_fwd_kernel(
+        X, Y, V, MASK, OUT,
+        sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
+        so_s, so_b, so_h, so_r, so_d,
+        n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale_log2,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        UPCAST: tl.constexpr):
+    pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch = (pid_bh // heads).to(tl.int64)
+    head = pid_bh % heads
+    kv_head = (head // group).to(tl.int64)
+    head = head.to(tl.int64)
+    row0 = pid_r * BLOCK_R
+
+    x = _load_tile(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim, BLOCK_R, BLOCK_D, UPCAST)
+    x_half = _half_norm_scaled(x, scale_log2)
+    y_base = Y + batch * sy_b + kv_head * sy_h
+    v_base = V + batch * sv_b + kv_head * sv_h
+    mask_base = MASK + batch * sm_b
+
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), dtype=tl.float32)
+    key_start = split * keys_per_split
+    key_stop = tl.minimum(key_start + keys_per_split, n_keys)
+    for key0 in range(key_start, key_stop, BLOCK_K):
+        keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
+        y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
+        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2)
+        kappa = tl.where(keep[None, :], kappa, 0.0)
+        # Dropped value rows load as 0 so that NaN/inf stored under padding cannot leak into the sum.
+        v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
+        acc = tl.dot(kappa.to(v.dtype), v, acc, input_precision="ieee")
+
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_DV)
+    out = OUT + split.to(tl.int64) * so_s + batch * so_b + head * so_h
+    tl.store(out + rows[:, None].to(tl.int64) * so_r + cols[None, :] * so_d, acc.to(OUT.dtype.element_ty),
+             mask=(rows < n_rows)[:, None] & (cols < dim_v)[None, :])
+
+
+@triton.jit
+def gaussian_attention_bwd_rows_kernel(
+        X, Y, V, MASK, GRAD_OUT, GRAD_X,
+        sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
+        sg_b, sg_h, sg_r, sg_d, sdx_s, sdx_b, sdx_h, sdx_r, sdx_d,
+        n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        UPCAST: tl.constexpr):
+    pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch = (pid_bh // heads).to(tl.int64)
+    head = pid_bh % heads
+    kv_head = (head // group).to(tl.int64)
+    head = head.to(tl.int64)
+    row0 = pid_r * BLOCK_R
+
+    x = _load_tile(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim, BLOCK_R, BLOCK_D, UPCAST)
+    x_half = _half_norm_scaled(x, scale_log2)
+    grad_out = _load_tile(GRAD_OUT + batch * sg_b + head * sg_h, row0, n_rows, sg_r, sg_d, dim_v, BLOCK_R,
+                          BLOCK_DV, UPCAST)
+    y_base = Y + batch * sy_b + kv_head * sy_h
+    v_base = V + batch * sv_b + kv_head * sv_h
+    mask_base = MASK + batch * sm_b
+
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    key_start = split * keys_per_split
+    key_stop = tl.minimum(key_start + keys_per_split, n_keys)
+    for key0 in range(key_start, key_stop, BLOCK_K):
+        keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
+        y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
+        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2)
+        kappa = tl.where(keep[None, :], kappa, 0.0)
+        v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
+        d_score = tl.dot(grad_out, tl.trans(v.to(grad_out.dtype)), input_precision="ieee") * kappa
+        acc = tl.dot(d_score.to(y.dtype), y, acc, input_precision="ieee")
+        row_sum += tl.sum(d_score, axis=1)
+    grad_x = scale * (acc - x.to(tl.float32) * row_sum[:, None])
+
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    out = GRAD_X + split.to(tl.int64) * sdx_s + batch * sdx_b + head * sdx_h
+    tl.store(out + rows[:, None].to(tl.int64) * sdx_r + cols[None, :] * sdx_d,
+             grad_x.to(GRAD_X.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < dim)[None, :])
+
+
+@triton.jit
+def gaussian_attention_bwd_keys_kernel(
+        X, Y, V, MASK, GRAD_OUT, GRAD_Y, GRAD_V,
+        sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
+        sg_b, sg_h, sg_r, sg_d, sdy_s, sdy_b, sdy_h, sdy_r, sdy_d, sdv_s, sdv_b, sdv_h, sdv_r, sdv_d,
+        n_rows, n_keys, kv_heads, group, rows_per_split, dim, dim_v, has_mask, scale, scale_log2,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        UPCAST: tl.constexpr):
+    pid_k, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch = (pid_bh // kv_heads).to(tl.int64)
+    kv_head = pid_bh % kv_heads
+    key0 = pid_k * BLOCK_K
+
+    keep = _key_keep(MASK + batch * sm_b, sm_r, key0, n_keys, has_mask, BLOCK_K)
+    y = _load_tile(Y + batch * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r, sy_d, dim, BLOCK_K,
+                   BLOCK_D, UPCAST)
+    y_half = _half_norm_scaled(y, scale_log2)
+    v = _load_tile(V + batch * sv_b + kv_head.to(tl.int64) * sv_h, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K,
+                   BLOCK_DV, UPCAST, keep)
+
+    acc_y = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    acc_v = tl.zeros((BLOCK_K, BLOCK_DV), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    for member in range(0, group):
+        head = (kv_head * group + member).to(tl.int64)
+        x_base = X + batch * sx_b + head * sx_h
+        g_base = GRAD_OUT + batch * sg_b + head * sg_h
+        for row0 in range(row_start, row_stop, BLOCK_R):
+            x = _load_tile(x_base, row0, row_stop, sx_r, sx_d, dim, BLOCK_R, BLOCK_D, UPCAST)
+            grad_out = _load_tile(g_base, row0, row_stop, sg_r, sg_d, dim_v, BLOCK_R, BLOCK_DV, UPCAST)
+            # kappa is symmetric: the transposed tile kappa(Y, X) comes straight out of the same helper.
+            kappa_t = _kappa_tile(y, y_half, x, _half_norm_scaled(x, scale_log2), scale_log2)
+            kappa_t = tl.where(keep[:, None], kappa_t, 0.0)
+            acc_v = tl.dot(kappa_t.to(grad_out.dtype), grad_out, acc_v, input_precision="ieee")
+            d_score_t = tl.dot(v.to(grad_out.dtype), tl.trans(grad_out), input_precision="ieee") * kappa_t
+            acc_y = tl.dot(d_score_t.to(x.dtype), x, acc_y, input_precision="ieee")
+            col_sum += tl.sum(d_score_t, axis=1)
+    grad_y = scale * (acc_y - y.to(tl.float32) * col_sum[:, None])
+
+    keys = key0 + tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    base = split.to(tl.int64)
+    head_kv = kv_head.to(tl.int64)
+    out_y = GRAD_Y + base * sdy_s + batch * sdy_b + head_kv * sdy_h
+    tl.store(out_y + keys[:, None].to(tl.int64) * sdy_r + cols[None, :] * sdy_d,
+             grad_y.to(GRAD_Y.dtype.element_ty), mask=(keys < n_keys)[:, None] & (cols < dim)[None, :])
+    out_v = GRAD_V + base * sdv_s + batch * sdv_b + head_kv * sdv_h
+    tl.store(out_v + keys[:, None].to(tl.int64) * sdv_r + cols_v[None, :] * sdv_d,
+             acc_v.to(GRAD_V.dtype.element_ty), mask=(keys < n_keys)[:, None] & (cols_v < dim_v)[None, :])
+
+
+@triton.jit
+def landmark_gram_kernel(L, OUT, sl_b, sl_h, sl_r, sl_d, so_b, so_h, so_r, so_c, m, heads, dim, scale_log2,
+                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    pid_i, pid_j, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    base = L + (pid_bh // heads).to(tl.int64) * sl_b + (pid_bh % heads).to(tl.int64) * sl_h
+    a = _load_tile(base, pid_i * BLOCK, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
+    b = _load_tile(base, pid_j * BLOCK, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
+    kappa = _kappa_tile(a, _half_norm_scaled(a, scale_log2), b, _half_norm_scaled(b, scale_log2), scale_log2)
+    rows = pid_i * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_j * BLOCK + tl.arange(0, BLOCK)
+    out = OUT + (pid_bh // heads).to(tl.int64) * so_b + (pid_bh % heads).to(tl.int64) * so_h
+    tl.store(out + rows[:, None].to(tl.int64) * so_r + cols[None, :] * so_c, kappa,
+             mask=(rows < m)[:, None] & (cols < m)[None, :])
+
+
+@triton.jit
+def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg_h, sg_r, sg_c,
+                             sdl_b, sdl_h, sdl_r, sdl_d, m, heads, dim, scale, scale_log2,
+                             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """dL_i = scale * (H L - L * rowsum(H))_i with H = (dM + dM^T) * kappa(L, L), a program per row tile."""
+    pid_i, pid_bh = tl.program_id(0), tl.program_id(1)
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    base = L + batch * sl_b + head * sl_h
+    grad_base = GRAD_M + batch * sg_b + head * sg_h
+    row0 = pid_i * BLOCK
+    a = _load_tile(base, row0, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
+    a_half = _half_norm_scaled(a, scale_log2)
+    acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for col0 in range(0, m, BLOCK):
+        b = _load_tile(base, col0, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
+        kappa = _kappa_tile(a, a_half, b, _half_norm_scaled(b, scale_log2), scale_log2)
+        grad_m = _load_tile(grad_base, row0, m, sg_r, sg_c, m - col0, BLOCK, BLOCK, True, None, col0)
+        grad_m_t = _load_tile(grad_base, row0, m, sg_c, sg_r, m - col0, BLOCK, BLOCK, True, None, col0)
+        sym = (grad_m + grad_m_t) * kappa
+        acc = tl.dot(sym.to(b.dtype), b, acc, input_precision="ieee")
+        row_sum += tl.sum(sym, axis=1)
+    grad = scale * (acc - a.to(tl.float32) * row_sum[:, None])
+    rows = row0 + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    out = GRAD_L + batch * sdl_b + head * sdl_h
+    tl.store(out + rows[:, None].to(tl.int64) * sdl_r + cols[None, :] * sdl_d, grad.to(GRAD_L.dtype.element_ty),
+             mask=(rows < m)[:, None] & (cols < dim)[None, :])
+
+
+# ---- launch configuration -----------------------------------------------------------------------------
+
+# Programs we aim for before splitting a streamed axis: a few waves on a 108-132 SM GPU. Under the
+# interpreter (programs run one after another) a small target still exercises the split path in tests.
+TARGET_PROGRAMS = 8 if INTERPRETER else 512
+HEAD_DIMS = (16, 32, 64, 128, 256)  # head-dim buckets: next power of two of max(p, p_v), at least 16
+KERNEL_ROLES = ("fwd", "rows", "keys")
+
+
+def head_block(dim: int, dim_v: int) -> int:
+    """One bucket for both head dims (p_v != p is rare; one bucket keeps the compiled set small)."""
+    return max(16, triton.next_power_of_2(max(dim, dim_v)))
+
+
+def block_config(role: str, block_d: int, elem_bytes: int) -> dict:
+    """Tile sizes, warps and stages of a kernel role for a head-dim bucket and input element size (2 or 4).
+
+    compile_check enumerates exactly KERNEL_ROLES x HEAD_DIMS x {fp16, bf16, fp32} through this function and
+    proves that no choice spills registers or overflows shared memory on sm_80 / sm_90.
+    """
+    wide = elem_bytes == 4
+    if role == "fwd":
+        if block_d <= 64:
+            return dict(BLOCK_R=64, BLOCK_K=32 if wide else 64, num_warps=4, num_stages=2)
+        if block_d <= 128:
+            return dict(BLOCK_R=64, BLOCK_K=32, num_warps=4 if not wide else 8, num_stages=2)
+        return dict(BLOCK_R=32 if wide else 64, BLOCK_K=32, num_warps=8, num_stages=1)
+    if role == "rows":
+        if block_d <= 64:
+            return dict(BLOCK_R=64, BLOCK_K=32, num_warps=4, num_stages=2)
+        if block_d <= 128:
+            return dict(BLOCK_R=64 if not wide else 32, BLOCK_K=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_R=32, BLOCK_K=32 if not wide else 16, num_warps=8, num_stages=1)
+    if block_d <= 64:  # keys: two accumulators (dY, dV) per key tile
+        return dict(BLOCK_R=32, BLOCK_K=64 if not wide else 32, num_warps=4, num_stages=2)
+    if block_d <= 128:
+        return dict(BLOCK_R=32, BLOCK_K=32, num_warps=8, num_stages=1)
+    return dict(BLOCK_R=16 if wide else 32, BLOCK_K=32, num_warps=8, num_stages=1)
+
+
+def gram_config(block_d: int) -> dict:
+    return dict(BLOCK=32, num_warps=4 if block_d <= 128 else 8, num_stages=1)
+
+
+def split_plan(n_stream: int, block_stream: int, programs: int, allow_split: bool) -> tuple[int, int]:
+    """(splits, items per split, a multiple of block_stream) for a streamed axis of n_stream items.
+
+    Splits are added only while programs * splits stays under TARGET_PROGRAMS, so a split partial-sum
+    buffer (splits x rows x d) stays bounded however long the streamed axis grows.
+    """
+    tiles = triton.cdiv(max(n_stream, 1), block_stream)
+    wanted = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(programs, 1)))) if allow_split else 1
+    tiles_per_split = triton.cdiv(tiles, wanted)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_stream
+
+
+# ---- host wrappers ------------------------------------------------------------------------------------
+
+def _upcast(*tensors: torch.Tensor) -> bool:
+    return INTERPRETER and any(t.dtype == torch.bfloat16 for t in tensors)
+
+
+def _mask_args(key_mask: torch.Tensor | None, device):
+    """(uint8 mask, batch stride, key stride, has_mask); a 1-byte placeholder when there is no mask."""
+    if key_mask is None:
+        return torch.zeros(1, dtype=torch.uint8, device=device), 0, 0, 0
+    mask = key_mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1), 1
+
+
+def _buffer(splits: int, shape, dtype, device, split_capable: bool) -> torch.Tensor:
+    """Where programs write: float32 (splits, *shape) slices when the launch may split, else the result."""
+    return torch.empty(splits, *shape, dtype=torch.float32 if split_capable else dtype, device=device)
+
+
+def _reduce_splits(partial: torch.Tensor, dtype) -> torch.Tensor:
+    """Second stage of a split reduction: a fixed-order sum over the split axis (deterministic)."""
+    total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    return total.to(dtype)
+
+
+def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_keys: bool = False):
+    """kappa(x, y) @ v: x (b, H, r, p), y (b, Hk, n, p), v (b, Hk, n, pv), key_mask (b, n) bool or None.
+
+    split_keys: cut the key axis into ranges with float32 partials (for few rows, e.g. m landmarks).
+    """
+    batch, heads, n_rows, dim = x.shape
+    kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
+    v = v.to(x.dtype)  # the query apply's float32 landmark values: m x pv, a negligible copy
+    block_d = head_block(dim, dim_v)
+    cfg = block_config("fwd", block_d, x.element_size())
+    row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
+    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
+    out = _buffer(splits, (batch, heads, n_rows, dim_v), out_dtype, x.device, split_keys)
+    if n_rows:
+        mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
+        gaussian_attention_fwd_kernel[(row_tiles, splits, batch * heads)](
+            x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *out.stride(),
+            n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale * LOG2_E,
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
+            UPCAST=_upcast(x, y, v), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return _reduce_splits(out, out_dtype)
+
+
+def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys: bool = False):
+    """(dx, dy, dv) of gaussian_attention_fwd, each in its input's dtype.
+
+    grad_out in x's dtype or float32 (kept float32 in the kernels: the key summary's dZ may exceed fp16's
+    range). dx streams keys (split like the forward when split_keys); dy, dv stream rows, split as needed,
+    always through float32 partials.
+    """
+    batch, heads, n_rows, dim = x.shape
+    kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
+    v_dtype = v.dtype
+    v = v.to(x.dtype)
+    if grad_out.dtype not in (x.dtype, torch.float32):
+        grad_out = grad_out.float()
+    block_d = head_block(dim, dim_v)
+    mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
+    common = (*x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *grad_out.stride())
+    upcast = _upcast(x, y, v, grad_out)
+
+    cfg = block_config("rows", block_d, x.element_size())
+    row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
+    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
+    grad_x = _buffer(splits, x.shape, x.dtype, x.device, split_keys)
+    if n_rows:
+        gaussian_attention_bwd_rows_kernel[(row_tiles, splits, batch * heads)](
+            x, y, v, mask, grad_out, grad_x, *common, *grad_x.stride(),
+            n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale,
+            scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
+            UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    cfg = block_config("keys", block_d, x.element_size())
+    key_tiles = triton.cdiv(n_keys, cfg["BLOCK_K"])
+    splits, rows_per_split = split_plan(n_rows, cfg["BLOCK_R"], key_tiles * batch * kv_heads, True)
+    grad_y = _buffer(splits, y.shape, y.dtype, y.device, True)
+    grad_v = _buffer(splits, v.shape, v.dtype, v.device, True)
+    gaussian_attention_bwd_keys_kernel[(key_tiles, splits, batch * kv_heads)](
+        x, y, v, mask, grad_out, grad_y, grad_v, *common, *grad_y.stride(), *grad_v.stride(),
+        n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
+        scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
+        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return _reduce_splits(grad_x, x.dtype), _reduce_splits(grad_y, y.dtype), _reduce_splits(grad_v, v_dtype)
+
+
+def landmark_gram_fwd(landmarks: torch.Tensor, scale: float) -> torch.Tensor:
+    """M = kappa(L, L) in float32: (b, H, m, p) -> (b, H, m, m)."""
+    batch, heads, m, dim = landmarks.shape
+    block_d = head_block(dim, dim)
+    cfg = gram_config(block_d)
+    out = torch.empty(batch, heads, m, m, dtype=torch.float32, device=landmarks.device)
+    tiles = triton.cdiv(m, cfg["BLOCK"])
+    landmark_gram_kernel[(tiles, tiles, batch * heads)](
+        landmarks, out, *landmarks.stride(), *out.stride(), m, heads, dim, scale * LOG2_E,
+        BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
+
+
+def landmark_gram_bwd(grad_gram: torch.Tensor, landmarks: torch.Tensor, scale: float) -> torch.Tensor:
+    """dL from dM (any float dtype; read as float32)."""
+    batch, heads, m, dim = landmarks.shape
+    block_d = head_block(dim, dim)
+    cfg = gram_config(block_d)
+    grad_gram = grad_gram.float()
+    grad = torch.empty(landmarks.shape, dtype=landmarks.dtype, device=landmarks.device)
+    landmark_gram_bwd_kernel[(triton.cdiv(m, cfg["BLOCK"]), batch * heads)](
+        landmarks, grad_gram, grad, *landmarks.stride(), *grad_gram.stride(), *grad.stride(), m, heads, dim,
+        scale, scale * LOG2_E, BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return grad

@@ -1,0 +1,20 @@
+"""Exact Kernelized Attention KA(Q, K, V) = kappa(Q, K) V, FlashAttention-style, O(n) memory
+(reference: skyformer_ext.reference.kernelized_attention).
+
+KA = GA(Q, K, V, key_mask): each program owns a query tile and streams key/value tiles; kappa <= 1, so the
+accumulator needs no running max or rescaling. Backward recomputes the kappa tiles: dQ in a program per query
+tile, dK and dV in a program per key tile that visits every query head of its GQA group.
+"""
+
+from __future__ import annotations
+
+from .gaussian_tiles import gaussian_attention_bwd, gaussian_attention_fwd
+
+
+def forward(q, k, v, key_mask, scale: float):
+    return gaussian_attention_fwd(q, k, v, key_mask, scale, q.dtype)
+
+
+def backward(grad_out, q, k, v, key_mask, scale: float):
+    """(dq, dk, dv)."""
+    return gaussian_attention_bwd(grad_out, q, k, v, key_mask, scale)
