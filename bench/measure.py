@@ -1,9 +1,9 @@
 """Timing and peak memory of one (method, problem, mode) point.
 
 - GPU: a warm-up call under ``torch.cuda.max_memory_allocated`` (peak memory above what was allocated
-  before the call) and under ``PeakMemory`` (cross-check), then ``triton.testing.do_bench`` (median; CUDA
-  events when Triton is missing), rotating over several input sets so consecutive calls do not reuse
-  cached inputs.
+  before the call) and one under ``PeakMemory`` (cross-check), then ``triton.testing.do_bench`` (median,
+  with its L2 flush; CUDA events when Triton is missing or a call is slow), rotating over three input sets
+  so consecutive calls do not reuse cached inputs.
 - CPU: the warm-up call runs under ``PeakMemory`` (peak of live bytes allocated inside the call; it adds
   Python work per op, so it is never timed), then wall-clock samples, fewer as calls get slower (at least
   one; two or more below 10 s per call); the median is reported.
@@ -23,6 +23,7 @@ from skyformer_ext._memory import PeakMemory
 from .methods import Method, Problem
 
 MIB = float(1 << 20)
+SLOW_GPU_CALL_S = 0.05
 
 
 @dataclass
@@ -73,20 +74,26 @@ def make_step(method: Method, problem: Problem, inputs: list[tuple], backward: b
     return step
 
 
-def _memory_run(step, device: torch.device) -> tuple[float, float | None]:
-    """The warm-up call, under the memory trackers: (PeakMemory MiB, CUDA peak MiB or None)."""
-    cuda_peak = None
+def _memory_run(step, device: torch.device) -> tuple[float, float | None, float]:
+    """The warm-up call(s), under the memory trackers: (PeakMemory MiB, CUDA peak MiB or None, seconds of
+    the plain CUDA call, a rough cost used to choose the timing method)."""
+    cuda_peak, seconds = None, 0.0
     if device.type == "cuda":
         _synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start_bytes = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
         step()
         _synchronize(device)
+        seconds = time.perf_counter() - start
         cuda_peak = (torch.cuda.max_memory_allocated(device) - start_bytes) / MIB
     with PeakMemory() as tracker:
-        step()
+        result = step()
         _synchronize(device)
-    return tracker.peak_bytes / MIB, cuda_peak
+    outputs = result if isinstance(result, tuple) else (result,)
+    if not all(bool(t.isfinite().all()) for t in outputs):
+        raise FloatingPointError("non-finite output or gradient")
+    return tracker.peak_bytes / MIB, cuda_peak, seconds
 
 
 def warm_up_tracker() -> None:
@@ -95,18 +102,19 @@ def warm_up_tracker() -> None:
         torch.ones(2) + 1
 
 
-def _gpu_times_ms(step, device: torch.device) -> list[float]:
+def _gpu_times_ms(step, seconds_per_call: float) -> list[float]:
+    """do_bench's median for fast calls; for calls of >= SLOW_GPU_CALL_S (where do_bench's five estimate
+    calls plus warm-up would cost seconds) three CUDA-event timed calls after one warm-up."""
     try:
         from triton.testing import do_bench
     except ImportError:
         do_bench = None
-    if do_bench is not None:
+    if do_bench is not None and seconds_per_call < SLOW_GPU_CALL_S:
         return [float(do_bench(step, warmup=25, rep=100, return_mode="median"))]
-    for _ in range(3):
-        step()
+    step()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(10):
+    for _ in range(3 if seconds_per_call >= SLOW_GPU_CALL_S else 10):
         start.record()
         step()
         stop.record()
@@ -125,17 +133,18 @@ def _cpu_extra_repetitions(seconds_per_call: float) -> int:
     return 1 if seconds_per_call < 10.0 else 0
 
 
-def measure(method: Method, problem: Problem, backward: bool, seed: int = 0) -> Measurement:
-    """Times one point; raises whatever the method raises (the caller turns OOM into a table entry)."""
+def measure(method: Method, problem: Problem, backward: bool, seed: int = 0, max_calls: int = 10) -> Measurement:
+    """Times one point; raises whatever the method raises (the caller turns OOM into a table entry).
+    ``max_calls`` bounds the timed CPU calls (quick mode)."""
     device = problem.device
     sets = 3 if device.type == "cuda" else 2
     inputs = make_inputs(method, problem, sets, backward, seed)
     step = make_step(method, problem, inputs, backward)
-    peak_mib, cuda_peak = _memory_run(step, device)
+    peak_mib, cuda_peak, first_s = _memory_run(step, device)
     if device.type == "cuda":
-        return Measurement(_gpu_times_ms(step, device), peak_mib, cuda_peak)
+        return Measurement(_gpu_times_ms(step, first_s), peak_mib, cuda_peak)
     times = [_wall_ms(step)]
-    times += [_wall_ms(step) for _ in range(_cpu_extra_repetitions(times[0] / 1e3))]
+    times += [_wall_ms(step) for _ in range(min(_cpu_extra_repetitions(times[0] / 1e3), max_calls - 1))]
     return Measurement(times, peak_mib, cuda_peak)
 
 

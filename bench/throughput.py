@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .measure import MIB, measure, warm_up_tracker
+from .measure import MIB, SLOW_GPU_CALL_S, measure, warm_up_tracker
 from .methods import Method, Problem, available, candidate_methods
 from .progress import progress
 
@@ -128,18 +128,22 @@ def acceptance_points(suite: Suite) -> set[tuple[str, int]]:
             ("sdpa", 16384)}
 
 
-def _cpu_runs(seconds: float) -> int:
-    """Calls a CPU point costs (upper bound), mirroring measure(): the memory run plus the timed calls."""
+def point_cost_s(seconds: float, device: torch.device) -> float:
+    """Predicted wall time of one point (upper bound), mirroring measure(): warm-up/memory calls plus the
+    timed calls (do_bench's ~0.3 s of estimate, warm-up and repetitions for fast GPU calls)."""
+    if device.type == "cuda":
+        return 6 * seconds if seconds >= SLOW_GPU_CALL_S else 0.3 + 7 * seconds
     if seconds >= 10.0:
-        return 2
-    return 3 if seconds >= 3.0 else (4 if seconds >= 0.5 else 11)
+        return 2 * seconds
+    return seconds * (3 if seconds >= 3.0 else (4 if seconds >= 0.5 else 11))
 
 
 # ---- running ---------------------------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, device: torch.device, cap_s: float, budget_s: float, show_progress: bool, seed: int):
-        self.device, self.cap_s, self.budget_s, self.seed = device, cap_s, budget_s, seed
+    def __init__(self, device: torch.device, cap_s: float, budget_s: float, show_progress: bool, seed: int,
+                 max_calls: int = 10):
+        self.device, self.cap_s, self.budget_s, self.seed, self.max_calls = device, cap_s, budget_s, seed, max_calls
         self.show_progress = show_progress
         self.start = time.perf_counter()
         self.memory_limit = memory_limit_bytes(device)
@@ -205,23 +209,23 @@ class Runner:
         if estimate_bytes is not None and estimate_bytes > self.memory_limit:
             return self._row(suite, name, n, status="skipped", est_time_ms=estimate_s * 1e3,
                              note=f"est. {estimate_bytes / 2 ** 30:.1f} GiB > {self.memory_limit / 2 ** 30:.1f} GiB free")
-        if estimate_s is not None and self.device.type != "cuda":
-            cost = estimate_s * _cpu_runs(estimate_s)
+        if estimate_s is not None:
+            cost = point_cost_s(estimate_s, self.device)
             elapsed = time.perf_counter() - self.start
             if cost > self.cap_s and not required:
                 return self._row(suite, name, n, status="skipped", est_time_ms=estimate_s * 1e3,
-                                 note=f"est. {estimate_s:.0f} s per call")
+                                 note=f"est. {estimate_s:.3g} s per call")
             if elapsed + cost > self.budget_s and not required:
                 return self._row(suite, name, n, status="skipped", est_time_ms=estimate_s * 1e3,
                                  note=f"time budget (est. {estimate_s:.1f} s per call)")
         problem = Problem(suite.batch, suite.heads, n, suite.head_dim, suite.num_landmarks, DTYPES[suite.dtype],
                           self.device)
         try:
-            result = measure(method, problem, backward, self.seed)
+            result = measure(method, problem, backward, self.seed, self.max_calls)
         except torch.OutOfMemoryError as error:
             self._release()
             return self._row(suite, name, n, status="oom", note=str(error).splitlines()[0][:80])
-        except RuntimeError as error:
+        except (RuntimeError, FloatingPointError) as error:
             self._release()
             text = str(error)
             status = "oom" if ("out of memory" in text or "alloc" in text.lower()) else "error"
@@ -353,7 +357,7 @@ def main(argv=None) -> int:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    runner = Runner(device, cap_s, budget_s, not args.no_progress, args.seed)
+    runner = Runner(device, cap_s, budget_s, not args.no_progress, args.seed, max_calls=3 if args.quick else 10)
     rows = runner.run(suites)
     wall_s = time.perf_counter() - runner.start
     checks = acceptance(rows)
