@@ -18,6 +18,9 @@ set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+case "$PYTHON" in  # a relative path must survive the cd into the staging folder below
+    */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;;
+esac
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SIZES="${GPU_CHECK_SIZES:-1024 4096 16384 65536}"
 LOG_DIR="${OUT:-$REPO/bench/results/_scratch}"
