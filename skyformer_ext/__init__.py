@@ -8,6 +8,7 @@ Public API:
 """
 
 from . import reference
+from . import nn
 from .api import kernelized_attention, skyformer_attention
 from .landmarks import sample_landmarks
 from ._extension import build_info

@@ -1,0 +1,210 @@
+"""``torch.nn`` building blocks: a drop-in multi-head attention layer with a switchable kernel.
+
+:class:`SkyformerAttention` owns the projections (q, k, v, out) and calls one of three attention kernels:
+
+- ``"skyformer"``: :func:`skyformer_ext.skyformer_attention` (Nystrom approximation, m landmarks);
+- ``"kernelized"``: :func:`skyformer_ext.kernelized_attention` (the exact Gaussian-kernel model);
+- ``"softmax"``: :func:`torch.nn.functional.scaled_dot_product_attention` (the usual transformer).
+
+The kernel choice adds no parameters or buffers, so a state_dict saved with one choice loads into a module
+built with any other (and ``module.attention`` may be reassigned on a live module).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _checks
+from .api import kernelized_attention, skyformer_attention
+
+__all__ = ["SkyformerAttention", "ATTENTIONS"]
+
+ATTENTIONS = ("skyformer", "kernelized", "softmax")
+
+
+class SkyformerAttention(nn.Module):
+    """Multi-head (self- or cross-) attention with Skyformer, Kernelized or softmax attention.
+
+    Args:
+        embed_dim: model width of the input ``x`` and of the output.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (GQA/MQA); default ``num_heads``. Must divide ``num_heads``.
+        num_landmarks: m, landmarks per batch row for ``attention="skyformer"`` (ignored otherwise).
+        attention: ``"skyformer"`` | ``"kernelized"`` | ``"softmax"``.
+        dropout: probability of zeroing elements of the per-head attention output (before the output
+            projection), applied in training mode only. It is the same operation for all three kernels,
+            because Skyformer and Kernelized attention never form an attention-weight matrix to drop.
+        bias: whether the four projections have a bias.
+        batch_first: inputs/outputs are (batch, seq, feature) if True, else (seq, batch, feature).
+        head_dim: per-head width; default ``embed_dim // num_heads`` (then ``embed_dim`` must divide evenly).
+        context_dim: width of the ``context`` input of cross-attention; default ``embed_dim``.
+        landmarks: landmark sampling in training mode, ``"random"`` (the paper) or ``"strided"``.
+        eval_landmarks: landmark sampling in eval mode. ``"strided"`` (default) makes inference
+            deterministic: evenly spaced valid query and key rows. ``"random"`` keeps the paper's sampling
+            at test time (outputs then vary from call to call unless a ``generator`` is passed).
+        ridge, inverse, ns_iters: the landmark solve, see :func:`skyformer_ext.skyformer_attention`.
+        scale: the SDPA meaning (multiplies q.k) for all three kernels; default ``head_dim ** -0.5``.
+        backend: backend of the Skyformer/Kernelized kernels (``"auto"`` picks the fastest present one).
+
+    Mask convention: ``key_padding_mask`` follows :class:`torch.nn.MultiheadAttention`: a bool tensor of
+    shape (batch, n_keys) where **True marks a padded key that is ignored**. (The functional API's
+    ``attn_mask`` is the opposite, True = key takes part; the module converts.) In self-attention the
+    mask also tells Skyformer which query rows are padding, so no landmark lands on them. Outputs are
+    computed for every query row, padded or not; a batch row whose keys are all padded returns zeros
+    (the bias of the output projection, after it) for every kernel.
+
+    Shapes (batch_first=True): ``x`` (batch, n_q, embed_dim), ``context`` (batch, n_k, context_dim),
+    output (batch, n_q, embed_dim).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 num_landmarks: int = 128, attention: str = "skyformer", dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = True, head_dim: int | None = None, context_dim: int | None = None,
+                 landmarks: str = "random", eval_landmarks: str = "strided", ridge: float = 0.1,
+                 inverse: str = "newton_schulz", ns_iters: int = 6, scale: float | None = None,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        _checks.check_positive_int("embed_dim", embed_dim, 1)
+        _checks.check_positive_int("num_heads", num_heads, 1)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _checks.check_positive_int("num_kv_heads", num_kv_heads, 1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) "
+                                 "unless head_dim is given")
+            head_dim = embed_dim // num_heads
+        _checks.check_positive_int("head_dim", head_dim, 1)
+        context_dim = embed_dim if context_dim is None else context_dim
+        _checks.check_positive_int("context_dim", context_dim, 1)
+        _checks.check_positive_int("num_landmarks", num_landmarks, 2)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        _checks.check_choice("landmarks", landmarks, _checks.STRATEGIES)
+        _checks.check_choice("eval_landmarks", eval_landmarks, _checks.STRATEGIES)
+        _checks.check_ridge(ridge)
+        _checks.check_choice("inverse", inverse, _checks.INVERSES)
+        _checks.check_positive_int("ns_iters", ns_iters, 1)
+        _checks.check_scale(scale)
+
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim, self.context_dim = head_dim, context_dim
+        self.num_landmarks = num_landmarks
+        self.attention = attention
+        self.dropout = float(dropout)
+        self.batch_first = batch_first
+        self.landmarks, self.eval_landmarks = landmarks, eval_landmarks
+        self.ridge, self.inverse, self.ns_iters = float(ridge), inverse, ns_iters
+        self.scale = None if scale is None else float(scale)
+        self.backend = backend
+
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(context_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    @property
+    def attention(self) -> str:
+        return self._attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        _checks.check_choice("attention", value, ATTENTIONS)
+        self._attention = value
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases, as :class:`torch.nn.MultiheadAttention`."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def extra_repr(self) -> str:
+        parts = [f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}",
+                 f"num_kv_heads={self.num_kv_heads}", f"head_dim={self.head_dim}",
+                 f"attention={self.attention!r}"]
+        if self.attention == "skyformer":
+            parts += [f"num_landmarks={self.num_landmarks}", f"landmarks={self.landmarks!r}",
+                      f"eval_landmarks={self.eval_landmarks!r}", f"inverse={self.inverse!r}"]
+        if self.context_dim != self.embed_dim:
+            parts.append(f"context_dim={self.context_dim}")
+        parts += [f"dropout={self.dropout}", f"batch_first={self.batch_first}"]
+        return ", ".join(parts)
+
+    def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
+        return t.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                key_padding_mask: torch.Tensor | None = None, landmark_indices: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Attends from ``x`` to ``context`` (default: ``x`` itself, i.e. self-attention).
+
+        Args:
+            x: (batch, n_q, embed_dim), or (n_q, batch, embed_dim) when ``batch_first=False``.
+            context: optional (batch, n_k, context_dim) keys/values source for cross-attention.
+            key_padding_mask: keyword-only, optional bool (batch, n_k), True = padded key (ignored); see the
+                class doc.
+            landmark_indices: optional fixed Skyformer landmarks (batch, m), rows of [q; k] (see
+                :func:`skyformer_ext.sample_landmarks`); overrides the sampling policy. Validating them
+                reads their values, so leave this None inside ``torch.compile(fullgraph=True)``.
+            generator: optional torch.Generator for reproducible landmark sampling (eager mode).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be a 3-D tensor with last dim embed_dim={self.embed_dim}, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if isinstance(context, torch.Tensor) and context.dtype == torch.bool:
+            raise TypeError("context is a bool tensor; pass a padding mask as key_padding_mask=... (keyword)")
+        source = x if context is None else context
+        if not isinstance(source, torch.Tensor) or source.dim() != 3 or source.shape[-1] != self.context_dim:
+            raise ValueError(f"context must be a 3-D tensor with last dim context_dim={self.context_dim}, got "
+                             f"{tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__}")
+        if not self.batch_first:
+            x, source = x.transpose(0, 1), source.transpose(0, 1)
+        if source.shape[0] != x.shape[0]:
+            raise ValueError(f"x and context batch sizes differ: {x.shape[0]} vs {source.shape[0]}")
+        key_keep = None
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be a bool tensor (True = padded key), got "
+                                f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+            if tuple(key_padding_mask.shape) != tuple(source.shape[:2]):
+                raise ValueError(f"key_padding_mask must have shape (batch, n_keys) = {tuple(source.shape[:2])}, "
+                                 f"got {tuple(key_padding_mask.shape)}")
+            key_keep = ~key_padding_mask
+
+        q = self._heads(self.q_proj(x), self.num_heads)
+        k = self._heads(self.k_proj(source), self.num_kv_heads)
+        v = self._heads(self.v_proj(source), self.num_kv_heads)
+        out = self._attend(q, k, v, key_keep, landmark_indices, generator)
+        out = F.dropout(out, self.dropout, self.training)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _attend(self, q, k, v, key_keep, landmark_indices, generator) -> torch.Tensor:
+        if self.attention == "skyformer":
+            strategy = self.landmarks if self.training else self.eval_landmarks
+            return skyformer_attention(q, k, v, num_landmarks=self.num_landmarks, attn_mask=key_keep,
+                                       landmarks=strategy, landmark_indices=landmark_indices,
+                                       generator=generator, ridge=self.ridge, inverse=self.inverse,
+                                       ns_iters=self.ns_iters, scale=self.scale, backend=self.backend)
+        if self.attention == "kernelized":
+            return kernelized_attention(q, k, v, attn_mask=key_keep, scale=self.scale, backend=self.backend)
+        return _softmax_attention(q, k, v, key_keep, self.scale)
+
+
+def _softmax_attention(q, k, v, key_keep, scale) -> torch.Tensor:
+    """SDPA with our key-mask convention; batch rows without any valid key return zeros (SDPA gives NaN)."""
+    if key_keep is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    has_key = key_keep.any(dim=1, keepdim=True)
+    keep = (key_keep | ~has_key)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out * has_key[:, :, None, None].to(out.dtype)
+
