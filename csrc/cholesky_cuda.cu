@@ -258,6 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_cuda(const at::Ten
   if (!plan.use_kernel) {
     return cholesky_solve_generic(gram, summary, ridge);
   }
+  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "cholesky_solve: at most 2^31 - 1 matrices per call, got ",
+              batch);
   at::Tensor solution = at::empty({batch, m, p}, problem.rhs.options());
   at::Tensor factor = at::empty({batch, m, m}, problem.gram.options());
   at::Tensor status = at::empty({batch}, problem.gram.options().dtype(at::kInt));
@@ -284,6 +286,8 @@ at::Tensor cholesky_solve_factored_cuda(const at::Tensor& factor, const at::Tens
   if (!plan.use_kernel) {
     return cholesky_solve_factored_generic(factor, rhs);
   }
+  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(),
+              "cholesky_solve_factored: at most 2^31 - 1 matrices per call, got ", batch);
   at::Tensor solution = at::empty({batch, m, p}, problem.rhs.options());
   if (batch > 0 && p > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
