@@ -440,3 +440,24 @@ def test_missing_extension_warns_once(monkeypatch):
     assert len(record) == 1
     info = _extension.build_info()
     assert info["extension_loaded"] is False and info["load_error"] == "ImportError: simulated"
+
+
+@pytest.mark.parametrize("inverse", ["cholesky", "newton_schulz"])
+def test_ops_trace_under_torch_compile(inverse):
+    """fullgraph compile (aot_eager: fake kernels + registered autograd) of each op, forward and backward."""
+    def solve_op(gram, summary):
+        if inverse == "cholesky":
+            return torch.ops.skyformer.cholesky_solve(gram, summary, 0.1)[0]
+        return torch.ops.skyformer.newton_schulz_solve(gram, summary, 0.1, 6)
+
+    gram = gaussian_gram((2, 3), 8, torch.float64)
+    summary = torch.randn(2, 3, 8, 4, dtype=torch.float64)
+    compiled = torch.compile(solve_op, backend="aot_eager", fullgraph=True)
+    outputs = []
+    for fn in (solve_op, compiled):
+        g, z = gram.clone().requires_grad_(), summary.clone().requires_grad_()
+        out = fn(g, z)
+        out.square().sum().backward()
+        outputs.append((out, g.grad, z.grad))
+    for eager, traced in zip(*outputs):
+        assert torch.equal(eager, traced)
