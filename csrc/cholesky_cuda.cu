@@ -41,7 +41,7 @@ __device__ __forceinline__ bool device_isfinite(float x) { return isfinite(x); }
 __device__ __forceinline__ bool device_isfinite(double x) { return isfinite(x); }
 
 // Loads sym(gram) + shift I into packed and factors it in place into L. Returns false (uniformly across the
-// block) when a pivot is not finite and above min_pivot.
+// block) unless every pivot is finite and above min_pivot.
 template <typename scalar_t>
 __device__ bool factor_in_shared(const scalar_t* __restrict__ gram, int m, scalar_t shift, scalar_t min_pivot,
                                  scalar_t* packed, scalar_t* column) {
