@@ -91,7 +91,7 @@ def extension_build():
     from torch.utils import cpp_extension
 
     sources = _sources("*.cpp")
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3", "-g0"]  # -g0: no debug info (Python's CFLAGS add -g), faster builds, smaller .so
     include_dirs = [os.path.join(ROOT, CSRC)]
     if toolkit:
         cpp_extension.CUDA_HOME = toolkit
@@ -107,7 +107,10 @@ def extension_build():
     else:
         extension = cpp_extension.CppExtension("skyformer_ext._C", sources, include_dirs=include_dirs,
                                                extra_compile_args={"cxx": cxx_flags})
-        print("skyformer-ext: building the CPU-only extension", file=sys.stderr)
+        reason = ("SKYFORMER_FORCE_CPU is set" if _flag("SKYFORMER_FORCE_CPU") else
+                  "torch has no CUDA" if torch.version.cuda is None else
+                  "no CUDA toolkit found (nvcc next to include/cuda_runtime.h; set CUDA_HOME)")
+        print(f"skyformer-ext: building the CPU-only extension ({reason})", file=sys.stderr)
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, len(sources)))))
     return [extension], {"build_ext": cpp_extension.BuildExtension}
 

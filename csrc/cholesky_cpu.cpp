@@ -16,7 +16,7 @@ namespace skyformer {
 namespace {
 
 // Factors sym(gram) + shift I into upper (m x m row-major, only k >= i written). False on a pivot that is
-// not finite and above min_pivot (not positive definite in working precision).
+// not both finite and above min_pivot (not positive definite in working precision).
 template <typename scalar_t>
 bool try_factor(const scalar_t* gram, int64_t m, scalar_t shift, scalar_t min_pivot, scalar_t* upper) {
   for (int64_t i = 0; i < m; ++i) {

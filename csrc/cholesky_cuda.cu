@@ -41,7 +41,7 @@ __device__ __forceinline__ bool device_isfinite(float x) { return isfinite(x); }
 __device__ __forceinline__ bool device_isfinite(double x) { return isfinite(x); }
 
 // Loads sym(gram) + shift I into packed and factors it in place into L. Returns false (uniformly across the
-// block) when a pivot is not finite and above min_pivot.
+// block) unless every pivot is finite and above min_pivot.
 template <typename scalar_t>
 __device__ bool factor_in_shared(const scalar_t* __restrict__ gram, int m, scalar_t shift, scalar_t min_pivot,
                                  scalar_t* packed, scalar_t* column) {
@@ -258,6 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_cuda(const at::Ten
   if (!plan.use_kernel) {
     return cholesky_solve_generic(gram, summary, ridge);
   }
+  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "cholesky_solve: at most 2^31 - 1 matrices per call, got ",
+              batch);
   at::Tensor solution = at::empty({batch, m, p}, problem.rhs.options());
   at::Tensor factor = at::empty({batch, m, m}, problem.gram.options());
   at::Tensor status = at::empty({batch}, problem.gram.options().dtype(at::kInt));
@@ -284,6 +286,8 @@ at::Tensor cholesky_solve_factored_cuda(const at::Tensor& factor, const at::Tens
   if (!plan.use_kernel) {
     return cholesky_solve_factored_generic(factor, rhs);
   }
+  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(),
+              "cholesky_solve_factored: at most 2^31 - 1 matrices per call, got ", batch);
   at::Tensor solution = at::empty({batch, m, p}, problem.rhs.options());
   if (batch > 0 && p > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -91,18 +91,19 @@ at::Tensor cholesky_solve_factored_generic(const at::Tensor& factor, const at::T
 
 namespace {
 
+// One update V <- 1/4 V T3 with X = N V, T1 = 7I - X, T2 = 15I - X T1, T3 = 13I - X T2.
+struct NewtonSchulzStep {
+  at::Tensor product, t1, t2, t3;
+};
+
 struct NewtonSchulzState {
   at::Tensor regularized;  // A = M + ridge I
   at::Tensor scaling;      // d = rowsum(A)^-1/2, (B, m)
   at::Tensor normalized;   // N = D A D
   at::Tensor colsum;       // 1^T N, (B, m)
   at::Tensor step_size;    // s = max_j colsum_j, (B,)
-  std::vector<at::Tensor> iterates;  // V_0 .. V_iters
-};
-
-// One update V <- 1/4 V T3 with X = N V, T1 = 7I - X, T2 = 15I - X T1, T3 = 13I - X T2.
-struct NewtonSchulzStep {
-  at::Tensor product, t1, t2, t3;
+  std::vector<at::Tensor> iterates;  // V_0 .. V_iters (only the last one unless kept for backward)
+  std::vector<NewtonSchulzStep> steps;  // the products of each update, kept for backward
 };
 
 NewtonSchulzStep newton_schulz_step(const at::Tensor& normalized, const at::Tensor& iterate, const at::Tensor& eye) {
@@ -114,7 +115,7 @@ NewtonSchulzStep newton_schulz_step(const at::Tensor& normalized, const at::Tens
   return step;
 }
 
-NewtonSchulzState newton_schulz_forward(const at::Tensor& gram, double ridge, int64_t iters, bool keep_iterates) {
+NewtonSchulzState newton_schulz_forward(const at::Tensor& gram, double ridge, int64_t iters, bool for_backward) {
   const int64_t m = gram.size(-1);
   const at::Tensor eye = at::eye(m, gram.options());
   NewtonSchulzState state;
@@ -126,10 +127,11 @@ NewtonSchulzState newton_schulz_forward(const at::Tensor& gram, double ridge, in
   at::Tensor iterate = state.normalized.transpose(-1, -2) / state.step_size.view({-1, 1, 1});
   state.iterates.push_back(iterate);
   for (int64_t k = 0; k < iters; ++k) {
-    const NewtonSchulzStep step = newton_schulz_step(state.normalized, iterate, eye);
+    NewtonSchulzStep step = newton_schulz_step(state.normalized, iterate, eye);
     iterate = at::bmm(0.25 * iterate, step.t3);
-    if (keep_iterates) {
+    if (for_backward) {
       state.iterates.push_back(iterate);
+      state.steps.push_back(std::move(step));
     } else {
       state.iterates.back() = iterate;
     }
@@ -150,12 +152,13 @@ void check_iters(int64_t iters) {
 at::Tensor newton_schulz_solve(const at::Tensor& gram, const at::Tensor& summary, double ridge, int64_t iters) {
   check_iters(iters);
   const SolveProblem problem = prepare_problem(gram, summary, "gram", "summary");
-  const NewtonSchulzState state = newton_schulz_forward(problem.gram, ridge, iters, /*keep_iterates=*/false);
+  const NewtonSchulzState state = newton_schulz_forward(problem.gram, ridge, iters, /*for_backward=*/false);
   return at::bmm(approximate_inverse(state), problem.rhs).contiguous().view(summary.sizes());
 }
 
 // Exact reverse-mode derivative of the iteration (what autograd of the reference computes): recomputes
-// the forward keeping V_0..V_iters, then walks the steps backwards.
+// the forward keeping every iterate and product (transient, ~5 m x m per iteration and matrix), then walks
+// the steps backwards.
 std::tuple<at::Tensor, at::Tensor> newton_schulz_solve_backward(const at::Tensor& grad_solution,
                                                                 const at::Tensor& gram,
                                                                 const at::Tensor& summary, double ridge,
@@ -165,9 +168,7 @@ std::tuple<at::Tensor, at::Tensor> newton_schulz_solve_backward(const at::Tensor
   const SolveProblem grad = prepare_problem(gram, grad_solution, "gram", "grad_solution");
   const at::Tensor& z = problem.rhs;
   const at::Tensor& dy = grad.rhs;
-  const int64_t m = problem.m;
-  const at::Tensor eye = at::eye(m, problem.gram.options());
-  const NewtonSchulzState state = newton_schulz_forward(problem.gram, ridge, iters, /*keep_iterates=*/true);
+  const NewtonSchulzState state = newton_schulz_forward(problem.gram, ridge, iters, /*for_backward=*/true);
   const at::Tensor& d = state.scaling;
   const at::Tensor& n = state.normalized;
   const at::Tensor& a = state.regularized;
@@ -184,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> newton_schulz_solve_backward(const at::Tensor
 
   for (int64_t k = iters - 1; k >= 0; --k) {
     const at::Tensor& v = state.iterates[k];
-    const NewtonSchulzStep step = newton_schulz_step(n, v, eye);
+    const NewtonSchulzStep& step = state.steps[k];
     // V' = 1/4 V T3
     const at::Tensor grad_t3 = 0.25 * at::bmm(v.transpose(-1, -2), grad_v);
     at::Tensor grad_v_prev = 0.25 * at::bmm(grad_v, step.t3.transpose(-1, -2));

@@ -21,12 +21,13 @@ Operators (gram (..., m, m), summary/rhs (..., m, p), float32 or float64, equal 
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
 
 try:
-    from . import _C
+    _C = importlib.import_module(f"{__package__}._C")
     LOAD_ERROR: str | None = None
 except ImportError as error:  # not built, or built against another torch
     _C = None

@@ -112,7 +112,7 @@ def _near_duplicate_gram(dtype, m=64, offset=1e-4, ridge=1e-3):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ridge", [1e-1, 1e-3])
-def test_ill_conditioned_report(dtype, ridge, capsys):
+def test_ill_conditioned_report(dtype, ridge):
     """Duplicate / near-duplicate landmarks make M + ridge I ill conditioned. Cholesky is backward stable:
     its relative residual stays at rounding level whatever the condition number, and its forward error is
     bounded by ~cond * eps. The numbers are printed (pytest -s) as the report."""
@@ -135,8 +135,7 @@ def test_ill_conditioned_report(dtype, ridge, capsys):
     for name, impl in NEWTON_SCHULZ.items():
         error = relative_error(impl(gram, summary, ridge, 6), truth)
         lines.append(f"  newton_schulz[{name}] (6 iterations): relative error {error:.2e}")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(lines))
 
 
 # ---- gradients ---------------------------------------------------------------------------------------------
@@ -441,3 +440,24 @@ def test_missing_extension_warns_once(monkeypatch):
     assert len(record) == 1
     info = _extension.build_info()
     assert info["extension_loaded"] is False and info["load_error"] == "ImportError: simulated"
+
+
+@pytest.mark.parametrize("inverse", ["cholesky", "newton_schulz"])
+def test_ops_trace_under_torch_compile(inverse):
+    """fullgraph compile (aot_eager: fake kernels + registered autograd) of each op, forward and backward."""
+    def solve_op(gram, summary):
+        if inverse == "cholesky":
+            return torch.ops.skyformer.cholesky_solve(gram, summary, 0.1)[0]
+        return torch.ops.skyformer.newton_schulz_solve(gram, summary, 0.1, 6)
+
+    gram = gaussian_gram((2, 3), 8, torch.float64)
+    summary = torch.randn(2, 3, 8, 4, dtype=torch.float64)
+    compiled = torch.compile(solve_op, backend="aot_eager", fullgraph=True)
+    outputs = []
+    for fn in (solve_op, compiled):
+        g, z = gram.clone().requires_grad_(), summary.clone().requires_grad_()
+        out = fn(g, z)
+        out.square().sum().backward()
+        outputs.append((out, g.grad, z.grad))
+    for eager, traced in zip(*outputs):
+        assert torch.equal(eager, traced)
