@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.package-installed
-PACKAGE_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+PACKAGE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
 .PHONY: install test bench clean
 
