@@ -145,7 +145,7 @@ def settings(quick: bool) -> dict:
         return {"ms": [8, 32, 128], "n_for_m": 256, "ns": [128, 256], "m_for_n": 32, "seeds": 2, "heads": 1,
                 "p": 32}
     return {"ms": [16, 32, 64, 128, 256, 512], "n_for_m": 2048, "ns": [256, 512, 1024, 2048, 4096, 8192],
-            "m_for_n": 128, "seeds": 3, "heads": 2, "p": 64}
+            "m_for_n": 128, "seeds": 3, "heads": 1, "p": 64}
 
 
 def run(config: dict, show_progress: bool = True) -> list[dict]:
