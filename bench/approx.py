@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
     rows = run(config, not args.no_progress)
-    meta = {"command": "python -m bench.approx " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"command": ("python -m bench.approx " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
             "started_utc": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - start, 1),
             "torch": torch.__version__, "settings": config}
     if any(not math.isfinite(v) for r in rows for v in r["errors"]):

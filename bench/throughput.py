@@ -325,7 +325,7 @@ def parse_args(argv=None):
     parser.add_argument("--cap-s", type=float, default=None,
                         help="skip a point whose predicted cost exceeds this (default 60 CPU, 120 GPU)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip points that no longer fit in this total (default 330 CPU, 300 GPU)")
+                        help="skip points that no longer fit in this total (default 270 CPU, 300 GPU)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<device-name>)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     customised = any(getattr(args, a) for a in ("methods", "n", "p", "m", "dtype", "modes"))
     suites = custom_suites(args, device) if customised else default_suites(device, args.quick)
     cap_s = args.cap_s if args.cap_s is not None else (120.0 if is_gpu else 60.0)
-    budget_s = args.budget_s if args.budget_s is not None else (300.0 if is_gpu else 330.0)
+    budget_s = args.budget_s if args.budget_s is not None else (300.0 if is_gpu else 270.0)
     name = device_name(device)
     out = args.out or (RESULTS_ROOT / "_scratch" / name if args.quick else RESULTS_ROOT / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     checks = acceptance(rows)
 
     meta = {
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": ("python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
         "device": str(device), "device_name": name,
         "device_model": torch.cuda.get_device_name(device) if is_gpu else cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
