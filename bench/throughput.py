@@ -330,6 +330,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
     return parser.parse_args(argv)
 
 
@@ -346,6 +347,8 @@ def main(argv=None) -> int:
         for method in candidate_methods(device):
             print(method.name)
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     is_gpu = device.type == "cuda"
     customised = any(getattr(args, a) for a in ("methods", "n", "p", "m", "dtype", "modes"))
     suites = custom_suites(args, device) if customised else default_suites(device, args.quick)
@@ -378,10 +381,12 @@ def main(argv=None) -> int:
     report.write_json(out / "throughput.json", {"meta": meta, "suites": [s.__dict__ | {"name": s.name} for s in suites],
                                                 "results": rows, "acceptance": checks})
     report.write_csv(out / "throughput.csv", rows)
-    (out / "throughput.md").write_text(f"Command: `{meta['command']}` on {meta['device_model']} "
-                                       f"({meta['cpu_count']} cores, torch {meta['torch']}), "
-                                       f"{meta['started_utc']}, load average {load_before}\n\n"
-                                       + report.markdown_table(rows, is_gpu))
+    load_text = "n/a" if load_before is None else ", ".join(f"{x:.1f}" for x in load_before)
+    (out / "throughput.md").write_text(
+        f"Command: `{meta['command']}` on {meta['device_model']} ({meta['cpu_count']} cores, "
+        f"{meta['torch_threads']} torch threads, torch {meta['torch']}), {meta['started_utc']}, {wall_s:.0f} s; "
+        f"load average before the run {load_text}\n\n" + report.markdown_table(rows, is_gpu)
+        + ("\n```\n" + "\n".join(acceptance_lines(checks)) + "\n```\n" if checks else ""))
     for stale in [*out.glob("time_vs_n_*.png"), *out.glob("memory_vs_n_*.png")]:
         stale.unlink()  # plots of suites this run did not include would otherwise look current
     plots = []
