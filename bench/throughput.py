@@ -122,7 +122,7 @@ def custom_suites(args, device: torch.device) -> list[Suite]:
 
 
 def acceptance_points(suite: Suite) -> set[tuple[str, int]]:
-    """Points issue 2's acceptance ratios need: never skipped for the per-point cap (only for memory)."""
+    """Points issue 2's acceptance ratios need: exempt from the cap and the budget (not from the memory check)."""
     if (suite.mode, suite.batch, suite.heads, suite.head_dim, suite.num_landmarks, suite.dtype) != \
             ("fwd", 1, 8, 64, 128, "fp32"):
         return set()
