@@ -145,7 +145,7 @@ def settings(quick: bool) -> dict:
         return {"ms": [8, 32, 128], "n_for_m": 256, "ns": [128, 256], "m_for_n": 32, "seeds": 2, "heads": 1,
                 "p": 32}
     return {"ms": [16, 32, 64, 128, 256, 512], "n_for_m": 2048, "ns": [256, 512, 1024, 2048, 4096, 8192],
-            "m_for_n": 128, "seeds": 3, "heads": 2, "p": 64}
+            "m_for_n": 128, "seeds": 3, "heads": 1, "p": 64}
 
 
 def run(config: dict, show_progress: bool = True) -> list[dict]:
@@ -192,7 +192,7 @@ def label(row: dict) -> str:
 
 def markdown(rows: list[dict], config: dict) -> str:
     lines = [f"Relative spectral-norm error, mean over {config['seeds']} seeds (min..max), "
-             f"{config['heads']} heads, p={config['p']}, float64.", ""]
+             f"{config['heads']} head(s) per seed, p={config['p']}, float64.", ""]
     for kind in INPUTS:
         for sweep, fixed in (("m", f"n={config['n_for_m']}"), ("n", f"m={config['m_for_n']}")):
             chosen = [r for r in rows if r["input"] == kind and r["sweep"] == sweep]
@@ -251,6 +251,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used in CI)")
     parser.add_argument("--seeds", type=int, help="seeds to average over (default 3)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/approx)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: nothing here is timed, and one thread per process "
+                             "avoids OpenMP oversubscription, which slows small ops ~3x on a shared machine)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -265,10 +268,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
-    rows = run(config, not args.no_progress)
-    meta = {"command": "python -m bench.approx " + " ".join(sys.argv[1:] if argv is None else argv),
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        rows = run(config, not args.no_progress)
+    finally:
+        torch.set_num_threads(threads)
+    meta = {"command": ("python -m bench.approx " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
             "started_utc": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - start, 1),
-            "torch": torch.__version__, "settings": config}
+            "torch": torch.__version__, "threads": args.threads, "settings": config}
     if any(not math.isfinite(v) for r in rows for v in r["errors"]):
         raise RuntimeError("non-finite approximation error; see the rows above")
     (out / "approx.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1, allow_nan=False) + "\n")

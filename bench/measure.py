@@ -43,7 +43,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def make_inputs(method: Method, problem: Problem, sets: int, backward: bool, seed: int) -> list[tuple]:
-    """``sets`` independent (args, grad_out) pairs, already in the method's layout."""
+    """``sets`` independent (args, grad_out or None) pairs, already in the method's layout."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (problem.batch, problem.heads, problem.n, problem.head_dim)
     inputs = []
@@ -51,24 +51,22 @@ def make_inputs(method: Method, problem: Problem, sets: int, backward: bool, see
         q, k, v = (torch.randn(shape, generator=generator).to(problem.device, problem.dtype).requires_grad_(backward)
                    for _ in range(3))
         args = method.prepare(q, k, v)
-        inputs.append((args, None))
+        # dO has the output's shape, which is q's in the method's own layout (p_v = p here).
+        grad_out = torch.randn_like(args[0], requires_grad=False) if backward else None
+        inputs.append((args, grad_out))
     return inputs
 
 
 def make_step(method: Method, problem: Problem, inputs: list[tuple], backward: bool):
     """A no-argument callable running one call on the next input set (forward, or forward + backward)."""
-    cycle = itertools.cycle(range(len(inputs)))
+    cycle = itertools.cycle(inputs)
 
     def step():
-        index = next(cycle)
-        args, grad_out = inputs[index]
+        args, grad_out = next(cycle)
         if not backward:
             with torch.no_grad():
                 return method.run(problem, args)
         out = method.run(problem, args)
-        if grad_out is None:  # drawn once per input set, in the output's layout
-            grad_out = torch.randn_like(out)
-            inputs[index] = (args, grad_out)
         return torch.autograd.grad(out, [a for a in args if a.requires_grad], grad_out)
 
     return step

@@ -130,6 +130,9 @@ def plot_suite(rows: list[dict], suite: str, directory: Path, title: str) -> lis
         ax.set_xlabel("sequence length n")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
+        if quantity == "time_ms" and any(r["status"] != "ok" and r.get("est_time_ms") for r in suite_rows):
+            ax.text(0.99, 0.01, "hollow, dotted: predicted (skipped)", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=7, color="0.4")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -51,8 +51,12 @@ def _check_png(path: Path):
     assert data[:8] == PNG_MAGIC and 1000 < len(data) < 200_000, path
 
 
-def test_bench_quick_writes_well_formed_results(tmp_path):
-    assert throughput.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_quick_writes_well_formed_results(tmp_path, device):
+    assert throughput.main(["--quick", "--no-progress", "--device", device, "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "throughput.json").read_text())  # allow_nan=False when written
     assert set(payload) == {"meta", "suites", "results", "acceptance"}
     assert {"command", "device", "device_model", "torch", "started_utc", "wall_s"} <= set(payload["meta"])
@@ -64,15 +68,25 @@ def test_bench_quick_writes_well_formed_results(tmp_path):
         assert set(RESULT_FIELDS) <= set(row)
         assert row["status"] in ("ok", "skipped", "oom", "error", "unavailable"), row
     ok = [r for r in rows if r["status"] == "ok"]
-    # On CPU every default method runs at the quick sizes, forward and backward.
-    assert {r["method"] for r in ok} >= {"skyformer[torch]", "naive_skyformer", "kernelized[torch]", "sdpa"}
-    assert all(r["status"] == "ok" for r in rows if r["family"] in ("skyformer", "naive_skyformer", "sdpa"))
+    # Skyformer (every backend that suits the device) and the naive baseline run at the quick sizes, forward
+    # and backward; on CPU so do kernelized[torch] and SDPA; on CUDA at least one SDPA backend (flash has no
+    # float32).
+    must_run = [r for r in rows if r["family"] in ("skyformer", "naive_skyformer")
+                and (device == "cuda" or "[triton]" not in r["method"])]
+    assert must_run and all(r["status"] == "ok" for r in must_run), [r for r in must_run if r["status"] != "ok"]
+    if device == "cpu":
+        assert {r["method"] for r in ok} == {"skyformer[torch]", "naive_skyformer", "kernelized[torch]", "sdpa"}
+    else:
+        assert any(r["family"] == "sdpa" for r in ok)
     for row in ok:
         assert math.isfinite(row["time_ms"]) and row["time_ms"] > 0
         assert row["times_ms"] and min(row["times_ms"]) <= row["time_ms"] <= max(row["times_ms"])
         assert row["peak_mib"] is not None and row["peak_mib"] > 0
-        assert row["sdpa_reference"] == "sdpa" and row["speedup_vs_sdpa"] > 0
-    assert all(r["speedup_vs_sdpa"] == pytest.approx(1.0) for r in ok if r["method"] == "sdpa")
+        assert row["sdpa_reference"] in throughput.SDPA_PREFERENCE and row["speedup_vs_sdpa"] > 0
+        assert (row["bandwidth_gbs"] > 0) if device == "cuda" else row["bandwidth_gbs"] is None
+    for row in ok:
+        if row["method"] == row["sdpa_reference"]:
+            assert row["speedup_vs_sdpa"] == pytest.approx(1.0)
 
     with (tmp_path / "throughput.csv").open() as handle:
         reader = csv.DictReader(handle)
@@ -86,7 +100,7 @@ def test_bench_quick_writes_well_formed_results(tmp_path):
 
 def test_bench_skips_points_predicted_too_slow(tmp_path):
     """SDPA at 16k predicted from n=64 (quadratic growth) exceeds a 0.5 s cap: skipped, estimate kept."""
-    argv = ["--methods", "sdpa", "--n", "64", "16384", "--heads", "1", "--p", "16", "--cap-s", "0.5",
+    argv = ["--device", "cpu", "--methods", "sdpa", "--n", "64", "16384", "--heads", "1", "--p", "16", "--cap-s", "0.5",
             "--no-plots", "--no-progress", "--out", str(tmp_path)]
     assert throughput.main(argv) == 0
     rows = json.loads((tmp_path / "throughput.json").read_text())["results"]
@@ -184,3 +198,17 @@ def test_exact_references_of_the_approx_report():
 def test_gpu_check_script_parses():
     script = Path(throughput.__file__).parent / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_backends_are_discovered_and_unsuitable_ones_reported(tmp_path, monkeypatch):
+    """A backend added to skyformer_ext.api.BACKENDS appears as a method by itself; on CPU a Triton one is
+    reported unavailable instead of failing the run."""
+    from skyformer_ext import api
+
+    monkeypatch.setattr(api, "BACKENDS", api.BACKENDS + ("triton",))
+    argv = ["--device", "cpu", "--methods", "skyformer[triton]", "skyformer[torch]", "--n", "64", "--heads", "1",
+            "--p", "16", "--m", "8", "--no-plots", "--no-progress", "--out", str(tmp_path)]
+    assert throughput.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["results"]}
+    assert rows["skyformer[triton]"]["status"] == "unavailable" and "CUDA" in rows["skyformer[triton]"]["note"]
+    assert rows["skyformer[torch]"]["status"] == "ok"
