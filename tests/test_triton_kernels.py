@@ -162,9 +162,9 @@ def test_each_stage_matches_its_reference(dtype):
 
 def test_same_input_gives_bit_identical_outputs_and_gradients():
     """Split reductions add partial sums in a fixed order: no atomics, no run-to-run variation."""
-    q, k, v, mask = _inputs(2, 4, 2, 97, 130, 64, 64, torch.float16, "random")
-    idx = sky.sample_landmarks(2, 97, 130, 32, attn_mask=mask)
-    grad = torch.randn(2, 4, 97, 64)
+    q, k, v, mask = _inputs(1, 4, 2, 61, 97, 32, 32, torch.float16, "random")
+    idx = sky.sample_landmarks(1, 61, 97, 16, attn_mask=mask)
+    grad = torch.randn(1, 4, 61, 32)
 
     def once(fn):
         return _run(fn, (q, k, v), grad)
