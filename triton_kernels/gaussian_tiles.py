@@ -22,8 +22,9 @@ axis is cut into ``splits`` contiguous ranges, each program writes a float32 par
 a (splits, ...) buffer and the host adds the slices in a fixed order: deterministic, no atomics.
 
 Precision: dots take the input dtype with float32 accumulation; float32 dots use input_precision "tf32x3"
-or "ieee" (the PRECISION constexpr, chosen per config; plain tf32 would cancel x.y against the norms; tf32x3 keeps ~float32 accuracy on tensor cores). The norms
-come from the same loaded values and the exponent is clamped to <= 0. Under TRITON_INTERPRET=1 bfloat16
+or "ieee" (the PRECISION constexpr, chosen per config): plain tf32 would cancel x.y against the norms,
+tf32x3 keeps ~float32 accuracy on tensor cores. The norms come from the same loaded values and the exponent
+is clamped to <= 0. Under TRITON_INTERPRET=1 bfloat16
 tiles arrive as raw uint16, so ``UPCAST`` (interpreter only) widens every loaded tile to float32 first.
 """
 
@@ -41,6 +42,16 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
+
+# Sizes, head counts and the mask flag take any value (1 included): not specialised, so that one compiled
+# variant serves every call and compile_check sees exactly the signatures launches use.
+_RUNTIME_INTS = ["n_rows", "n_keys", "heads", "kv_heads", "group", "has_mask", "m"]
+
+
+def _kernel(fn):
+    return triton.jit(fn, do_not_specialize=[a for a in _RUNTIME_INTS if a in fn.__code__.co_varnames[
+        :fn.__code__.co_argcount]])
+
 
 @triton.jit
 def _load_tile(base, row0, n_rows, stride_row, stride_col, n_cols, BLOCK_ROWS: tl.constexpr,
@@ -85,7 +96,7 @@ def _key_keep(mask_base, stride_mask, key0, n_keys, has_mask, BLOCK_KEYS: tl.con
     return keep & ~padded
 
 
-@triton.jit
+@_kernel
 def gaussian_attention_fwd_kernel(
         X, Y, V, MASK, OUT,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
@@ -125,7 +136,7 @@ def gaussian_attention_fwd_kernel(
              mask=(rows < n_rows)[:, None] & (cols < dim_v)[None, :])
 
 
-@triton.jit
+@_kernel
 def gaussian_attention_bwd_rows_kernel(
         X, Y, V, MASK, GRAD_OUT, GRAD_X,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
@@ -170,7 +181,7 @@ def gaussian_attention_bwd_rows_kernel(
              grad_x.to(GRAD_X.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < dim)[None, :])
 
 
-@triton.jit
+@_kernel
 def gaussian_attention_bwd_keys_kernel(
         X, Y, V, MASK, GRAD_OUT, GRAD_Y, GRAD_V,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
@@ -224,7 +235,7 @@ def gaussian_attention_bwd_keys_kernel(
              acc_v.to(GRAD_V.dtype.element_ty), mask=(keys < n_keys)[:, None] & (cols_v < dim_v)[None, :])
 
 
-@triton.jit
+@_kernel
 def landmark_gram_kernel(L, OUT, sl_b, sl_h, sl_r, sl_d, so_b, so_h, so_r, so_c, m, heads, dim, scale_log2,
                          BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr):
@@ -241,7 +252,7 @@ def landmark_gram_kernel(L, OUT, sl_b, sl_h, sl_r, sl_d, so_b, so_h, so_r, so_c,
              mask=(rows < m)[:, None] & (cols < m)[None, :])
 
 
-@triton.jit
+@_kernel
 def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg_h, sg_r, sg_c,
                              sdl_b, sdl_h, sdl_r, sdl_d, m, heads, dim, scale, scale_log2,
                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -304,8 +315,8 @@ _CONFIGS = {
             (4, 64): _config(64, 32, 4, 2), (4, 128): _config(32, 32, 8, 1)},
     "rows": {(2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1), (2, 256): _config(32, 16, 8, 1),
              (4, 64): _config(32, 16, 4, 2, "ieee"), (4, 128): _config(16, 16, 8, 1)},
-    "keys": {(2, 32): _config(32, 32, 4, 1), (2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1), (2, 256): _config(16, 32, 8, 1),
-             (4, 64): _config(16, 32, 4, 2), (4, 128): _config(16, 16, 8, 1)},
+    "keys": {(2, 32): _config(32, 32, 4, 1), (2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1),
+             (2, 256): _config(16, 32, 8, 1), (4, 64): _config(16, 32, 4, 2), (4, 128): _config(16, 16, 8, 1)},
 }
 
 
@@ -343,8 +354,8 @@ def _upcast(*tensors: torch.Tensor) -> bool:
 
 def _mask_args(key_mask: torch.Tensor | None, device):
     """(uint8 mask, batch stride, key stride, has_mask); a 1-byte placeholder when there is no mask."""
-    if key_mask is None:
-        return torch.zeros(1, dtype=torch.uint8, device=device), 0, 0, 0
+    if key_mask is None:  # strides (0, 1): the same specialisation as a contiguous mask
+        return torch.zeros(1, dtype=torch.uint8, device=device), 0, 1, 0
     mask = key_mask.view(torch.uint8)
     return mask, mask.stride(0), mask.stride(1), 1
 
