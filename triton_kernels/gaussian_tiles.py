@@ -416,6 +416,8 @@ def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys
     kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
     v_dtype = v.dtype
     v = v.to(x.dtype)
+    if grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum(): a unit inner stride, as compiled
+        grad_out = grad_out.contiguous()
     grad_factor = None
     if grad_out.dtype != x.dtype:
         if not split_keys:
