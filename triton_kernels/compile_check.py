@@ -1,15 +1,17 @@
 """Compile every kernel in every launch configuration the host wrappers can pick, for sm_80 and sm_90,
 without a GPU, and report registers, spills and shared memory.
 
-    python -m triton_kernels.compile_check            # table; exit status 1 on a spill or a shared-memory overflow
+    python -m triton_kernels.compile_check            # table; exit 1 on a spill or a shared-memory overflow
     python -m triton_kernels.compile_check --arch 90  # one architecture
     python -m triton_kernels.compile_check --json rows.json
 
 The configurations come from the same functions the wrappers call (``block_config``, ``gram_config``) over
-every head-dim bucket (``HEAD_DIMS``) and input dtype, and the pointer dtypes are those each stage passes
-(float32 split partials and key-summary output). Launches see unit inner strides and 16-byte aligned pointers, so the compiled signatures
-specialise the same way. Registers and spills come from ptxas -v on the generated PTX; shared memory from
-Triton's metadata. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+every head-dim bucket (``head_buckets``: 16..256 for fp16/bf16, 16..128 for fp32) and input dtype, with the
+pointer dtypes each stage passes (float32 split partials and key-summary output). Launches see unit inner
+strides and 16-byte aligned pointers and never specialise sizes, head counts or the mask flag, so these are
+the signatures they compile. Registers and spills come from ptxas -v on the generated PTX (the assembler
+bundled with Triton), shared memory from Triton's metadata. Must run without TRITON_INTERPRET (interpreted
+kernels cannot be compiled). Needs no GPU and no CUDA driver.
 """
 
 from __future__ import annotations
@@ -93,11 +95,9 @@ def launches() -> list[Launch]:
 
 _UNIT_STRIDES = re.compile(r"^s\w+_(d|c)$|^sm_r$")  # innermost strides: 1 for contiguous inputs
 _FLOATS = {"scale", "scale_log2"}
-_PLAIN_INTS = {"n_rows", "n_keys", "m", "heads", "kv_heads", "group", "has_mask"}  # arbitrary: no hint
 
 
 def _source(launch: Launch):
-    import triton
     from triton.compiler import ASTSource
 
     from . import gaussian_tiles as gt
@@ -121,9 +121,8 @@ def _source(launch: Launch):
             values[name] = 1
         else:
             signature[name] = "i32"
-            if name not in _PLAIN_INTS:  # other strides, head dims, split lengths: multiples of 16
+            if name not in gt.RUNTIME_INTS:  # other strides, head dims, split lengths: multiples of 16
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    del triton
     return ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
 
 

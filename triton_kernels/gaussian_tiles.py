@@ -45,11 +45,11 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Sizes, head counts and the mask flag take any value (1 included): not specialised, so that one compiled
 # variant serves every call and compile_check sees exactly the signatures launches use.
-_RUNTIME_INTS = ["n_rows", "n_keys", "heads", "kv_heads", "group", "has_mask", "m"]
+RUNTIME_INTS = ["n_rows", "n_keys", "heads", "kv_heads", "group", "has_mask", "m"]
 
 
 def _kernel(fn):
-    return triton.jit(fn, do_not_specialize=[a for a in _RUNTIME_INTS if a in fn.__code__.co_varnames[
+    return triton.jit(fn, do_not_specialize=[a for a in RUNTIME_INTS if a in fn.__code__.co_varnames[
         :fn.__code__.co_argcount]])
 
 
