@@ -10,22 +10,19 @@ from .landmarks import sample_landmarks
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """"auto" -> the fused Triton kernels for CUDA float16/bfloat16/float32 tensors when triton imports,
-    else the tiled PyTorch path."""
+def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
+    """"auto" -> the fused Triton kernels for CUDA tensors they cover (fp16/bf16 up to head dim 256, fp32 up
+    to 128) when triton imports, else the tiled PyTorch path."""
     _checks.check_choice("backend", backend, BACKENDS)
     if backend != "auto":
         return backend
-    if q.is_cuda and q.dtype != torch.float64 and _triton_importable():
-        return "triton"
+    if q.is_cuda:
+        try:
+            from . import triton_backend
+        except ImportError:
+            return "torch"
+        if triton_backend.supports(q, v):
+            return "triton"
     return "torch"
 
 
@@ -71,7 +68,7 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     _checks.check_scale(scale)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, v)
     if landmark_indices is None:
         landmark_indices = sample_landmarks(batch, n_q, n_k, num_landmarks, attn_mask=attn_mask,
                                             strategy=landmarks, generator=generator, device=q.device)
@@ -102,7 +99,7 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _checks.check_qkv(q, k, v)
     _checks.check_key_mask(attn_mask, q.shape[0], k.shape[2], q.device)
     _checks.check_scale(scale)
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, v)
     if backend == "reference":
         return reference.kernelized_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if backend == "triton":

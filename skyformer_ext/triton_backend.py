@@ -25,13 +25,23 @@ from . import solve
 from .landmarks import gather_landmarks
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 128}  # the compiled head-dim buckets
 
 
-def check_inputs(q: Tensor) -> None:
-    """backend="triton" needs CUDA tensors (or the interpreter) and a float16/bfloat16/float32 dtype."""
+def supports(q: Tensor, v: Tensor) -> bool:
+    """Whether the kernels cover this dtype and these head dims (what "auto" asks before choosing triton)."""
+    return q.dtype in SUPPORTED_DTYPES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM[q.dtype]
+
+
+def check_inputs(q: Tensor, v: Tensor) -> None:
+    """backend="triton" needs CUDA tensors (or the interpreter), fp16/bf16/fp32 and head dims it compiles."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {q.dtype}; "
                         f"use backend='torch' for float64")
+    head_dim = max(q.shape[-1], v.shape[-1])
+    if head_dim > MAX_HEAD_DIM[q.dtype]:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM[q.dtype]} for {q.dtype}, got "
+                         f"{head_dim}; use float16/bfloat16 (up to 256) or backend='torch'")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors, got q on {q.device} (set TRITON_INTERPRET=1 "
                          f"before importing skyformer_ext to run the kernels on CPU in Triton's interpreter)")
@@ -192,13 +202,13 @@ kernelized_attention_op.register_autograd(_ka_backward, setup_context=_ka_setup)
 # ---- entry points used by api.py -----------------------------------------------------------------------
 
 def kernelized_attention(q, k, v, attn_mask, scale: float) -> Tensor:
-    check_inputs(q)
+    check_inputs(q, v)
     return kernelized_attention_op(q, k, v, attn_mask, scale)
 
 
 def skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters, scale) -> Tensor:
     """Landmarks -> Gram -> landmark solve -> key summary -> query apply, all fused but the m x m solve."""
-    check_inputs(q)
+    check_inputs(q, v)
     landmarks = gather_landmarks(q, k, landmark_indices)
     gram_matrix = landmark_gram(landmarks, scale)
     summary = key_summary_op(k, v, landmarks, attn_mask, scale)

@@ -162,9 +162,9 @@ def test_each_stage_matches_its_reference(dtype):
 
 def test_same_input_gives_bit_identical_outputs_and_gradients():
     """Split reductions add partial sums in a fixed order: no atomics, no run-to-run variation."""
-    q, k, v, mask = _inputs(2, 4, 2, 97, 130, 64, 64, torch.float16, "random")
-    idx = sky.sample_landmarks(2, 97, 130, 32, attn_mask=mask)
-    grad = torch.randn(2, 4, 97, 64)
+    q, k, v, mask = _inputs(1, 4, 2, 61, 97, 32, 32, torch.float16, "random")
+    idx = sky.sample_landmarks(1, 61, 97, 16, attn_mask=mask)
+    grad = torch.randn(1, 4, 61, 32)
 
     def once(fn):
         return _run(fn, (q, k, v), grad)
@@ -209,12 +209,23 @@ def test_torch_compile_keeps_the_fused_ops_in_one_graph():
 
 
 def test_backend_choice_and_errors(monkeypatch):
-    cuda_like = type("FakeCudaTensor", (), {"is_cuda": True, "dtype": torch.float16})()
-    assert api._resolve_backend("auto", cuda_like) == "triton"
-    assert api._resolve_backend("auto", torch.zeros(1)) == "torch"
+    def cuda_like(dtype, head_dim):  # "auto" only looks at the device, dtype and head dims
+        return type("FakeCudaTensor", (), {"is_cuda": True, "dtype": dtype, "shape": (1, 1, 8, head_dim)})()
+
+    for dtype, head_dim, expected in ((torch.float16, 256, "triton"), (torch.bfloat16, 80, "triton"),
+                                      (torch.float32, 128, "triton"), (torch.float32, 256, "torch"),
+                                      (torch.float64, 64, "torch")):
+        fake = cuda_like(dtype, head_dim)
+        assert api._resolve_backend("auto", fake, fake) == expected, (dtype, head_dim)
+    cpu = torch.zeros(1, 1, 1, 16)
+    assert api._resolve_backend("auto", cpu, cpu) == "torch"
+
     q, k, v, _ = _inputs(1, 1, 1, 4, 4, 16, 16, torch.float64, "none")
     with pytest.raises(TypeError, match="float64"):
         sky.kernelized_attention(q, k, v, backend="triton")
+    wide = torch.zeros(1, 1, 4, 256)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        sky.kernelized_attention(wide, wide, wide, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
-        sky.kernelized_attention(q.float(), k.float(), v.float(), backend="triton")
+        sky.skyformer_attention(q.float(), k.float(), v.float(), num_landmarks=2, backend="triton")

@@ -1,19 +1,23 @@
 """Compile every kernel in every launch configuration the host wrappers can pick, for sm_80 and sm_90,
 without a GPU, and report registers, spills and shared memory.
 
-    python -m triton_kernels.compile_check            # table; exit status 1 on a spill or a shared-memory overflow
+    python -m triton_kernels.compile_check            # table; exit 1 on a spill or a shared-memory overflow
     python -m triton_kernels.compile_check --arch 90  # one architecture
+    python -m triton_kernels.compile_check --json rows.json
 
 The configurations come from the same functions the wrappers call (``block_config``, ``gram_config``) over
-every head-dim bucket (``HEAD_DIMS``) and input dtype, and the pointer dtypes are those each stage passes
-(the key summary's float32 dZ and output, float32 split partials). Launches see unit inner strides and 16-byte aligned pointers, so the compiled signatures
-specialise the same way. Registers and spills come from ptxas -v on the generated PTX; shared memory from
-Triton's metadata. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+every head-dim bucket (``head_buckets``: 16..256 for fp16/bf16, 16..128 for fp32) and input dtype, with the
+pointer dtypes each stage passes (float32 split partials and key-summary output). Launches see unit inner
+strides and 16-byte aligned pointers and never specialise sizes, head counts or the mask flag, so these are
+the signatures they compile. Registers and spills come from ptxas -v on the generated PTX (the assembler
+bundled with Triton), shared memory from Triton's metadata. Must run without TRITON_INTERPRET (interpreted
+kernels cannot be compiled). Needs no GPU and no CUDA driver.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -40,42 +44,44 @@ class Launch:
     def describe(self) -> str:
         blocks = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in self.constexprs if k.startswith("BLOCK"))
         wide = ",".join(f"{k}:{v}" for k, v in self.pointer_dtypes if v != self.dtype)
-        return f"{self.dtype} {blocks} w{self.num_warps}s{self.num_stages}" + (f" [{wide}]" if wide else "")
+        precision = dict(self.constexprs)["PRECISION"] if self.dtype == "fp32" else ""
+        return (f"{self.dtype} {blocks} w{self.num_warps}s{self.num_stages}" + (f" {precision}" if precision else "")
+                + (f" [{wide}]" if wide else ""))
 
 
 def _stage_launches(dtype: str) -> list[Launch]:
     """What the stage wrappers launch for one input dtype: kernel, pointer dtypes, constexprs, warps.
 
     Pointer dtypes per stage (see gaussian_tiles' host wrappers): kernelized attention and the query apply
-    write the forward output and dX in the input dtype from input-dtype gradients; the key summary (split)
-    writes float32 Z and dL partials from a float32 dZ; dY and dV always go through float32 partials.
+    write the forward output and dX in the input dtype; the key summary (split) writes float32 Z and dL
+    partials; dY and dV always go through float32 partials. Values and output gradients always arrive in
+    the input dtype (the key summary's float32 dZ is rescaled by a power of two and cast).
     """
     from . import gaussian_tiles as gt
 
     f32 = "fp32"
     variants = {  # role -> [(stages, {pointer: dtype})]
         "fwd": [("kernelized,query_apply", {"OUT": dtype}), ("key_summary", {"OUT": f32})],
-        "rows": [("kernelized,query_apply", {"GRAD_OUT": dtype, "GRAD_X": dtype}),
-                 ("key_summary", {"GRAD_OUT": f32, "GRAD_X": f32})],
-        "keys": [("kernelized,query_apply", {"GRAD_OUT": dtype, "GRAD_Y": f32, "GRAD_V": f32}),
-                 ("key_summary", {"GRAD_OUT": f32, "GRAD_Y": f32, "GRAD_V": f32})],
+        "rows": [("kernelized,query_apply", {"GRAD_X": dtype}), ("key_summary", {"GRAD_X": f32})],
+        "keys": [("all", {"GRAD_Y": f32, "GRAD_V": f32})],
     }
     kernels = {"fwd": "gaussian_attention_fwd_kernel", "rows": "gaussian_attention_bwd_rows_kernel",
                "keys": "gaussian_attention_bwd_keys_kernel"}
     launches = {}
-    for block_d in gt.HEAD_DIMS:
+    for block_d in gt.head_buckets(DTYPES[dtype]):
         for role in gt.KERNEL_ROLES:
             cfg = gt.block_config(role, block_d, DTYPES[dtype])
             consts = (("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", block_d),
-                      ("BLOCK_DV", block_d), ("UPCAST", False))
+                      ("BLOCK_DV", block_d), ("UPCAST", False), ("PRECISION", cfg["PRECISION"]))
             for stages, pointers in variants[role]:
                 key = (kernels[role], tuple(sorted(pointers.items())), consts)
                 if key in launches:  # float32 inputs: the two variants coincide
                     stages = launches[key].stage + "," + stages
                 launches[key] = Launch(kernels[role], stages, dtype, key[1], consts, cfg["num_warps"],
                                        cfg["num_stages"])
-        gram = gt.gram_config(block_d)
-        consts = (("BLOCK", gram["BLOCK"]), ("BLOCK_D", block_d), ("UPCAST", False))
+        gram = gt.gram_config(block_d, DTYPES[dtype])
+        consts = (("BLOCK", gram["BLOCK"]), ("BLOCK_D", block_d), ("UPCAST", False),
+                  ("PRECISION", gram["PRECISION"]))
         for kernel, pointers in (("landmark_gram_kernel", (("OUT", f32),)),
                                  ("landmark_gram_bwd_kernel", (("GRAD_M", f32),))):
             launches[(kernel, consts)] = Launch(kernel, "gram", dtype, pointers, consts, gram["num_warps"],
@@ -89,11 +95,9 @@ def launches() -> list[Launch]:
 
 _UNIT_STRIDES = re.compile(r"^s\w+_(d|c)$|^sm_r$")  # innermost strides: 1 for contiguous inputs
 _FLOATS = {"scale", "scale_log2"}
-_PLAIN_INTS = {"n_rows", "n_keys", "m", "heads", "kv_heads", "group", "has_mask"}  # arbitrary: no hint
 
 
 def _source(launch: Launch):
-    import triton
     from triton.compiler import ASTSource
 
     from . import gaussian_tiles as gt
@@ -117,9 +121,8 @@ def _source(launch: Launch):
             values[name] = 1
         else:
             signature[name] = "i32"
-            if name not in _PLAIN_INTS:  # other strides, head dims, split lengths: multiples of 16
+            if name not in gt.RUNTIME_INTS:  # other strides, head dims, split lengths: multiples of 16
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    del triton
     return ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
 
 
@@ -177,9 +180,12 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
                         help="compute capability (repeatable); default: 80 and 90")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     rows = run(tuple(args.arch or SHARED_LIMIT), args.workers)
     print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     failures = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows)} compiles, {len(failures)} failing (spills > 0 or shared memory over the arch limit)")
     return 1 if failures else 0

@@ -21,10 +21,11 @@ Splits: when (row tiles x heads) alone cannot fill the GPU (the key summary has 
 axis is cut into ``splits`` contiguous ranges, each program writes a float32 partial sum to its own slice of
 a (splits, ...) buffer and the host adds the slices in a fixed order: deterministic, no atomics.
 
-Precision: dots take the input dtype with float32 accumulation, input_precision="ieee" (tf32 would cancel
-x.y against the norms for float32 inputs); the norms come from the same loaded values. Under
-TRITON_INTERPRET=1 bfloat16 tiles arrive as raw uint16, so ``UPCAST`` (interpreter only) widens every loaded
-tile to float32 first.
+Precision: dots take the input dtype with float32 accumulation; float32 dots use input_precision "tf32x3"
+or "ieee" (the PRECISION constexpr, chosen per config): plain tf32 would cancel x.y against the norms,
+tf32x3 keeps ~float32 accuracy on tensor cores. The norms come from the same loaded values and the exponent
+is clamped to <= 0. Under TRITON_INTERPRET=1 bfloat16
+tiles arrive as raw uint16, so ``UPCAST`` (interpreter only) widens every loaded tile to float32 first.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
+
+# Sizes, head counts and the mask flag take any value (1 included): not specialised, so that one compiled
+# variant serves every call and compile_check sees exactly the signatures launches use.
+RUNTIME_INTS = ["n_rows", "n_keys", "heads", "kv_heads", "group", "has_mask", "m"]
+
+
+def _kernel(fn):
+    return triton.jit(fn, do_not_specialize=[a for a in RUNTIME_INTS if a in fn.__code__.co_varnames[
+        :fn.__code__.co_argcount]])
+
 
 @triton.jit
 def _load_tile(base, row0, n_rows, stride_row, stride_col, n_cols, BLOCK_ROWS: tl.constexpr,
@@ -68,9 +79,9 @@ def _half_norm_scaled(tile, scale_log2):
 
 
 @triton.jit
-def _kappa_tile(a, a_half_norm, b, b_half_norm, scale_log2):
+def _kappa_tile(a, a_half_norm, b, b_half_norm, scale_log2, PRECISION: tl.constexpr):
     """kappa(a_i, b_j) for a (R, D) and b (C, D) tile: exp2(scale*log2e*(a.b) - norms), clamped to <= 1."""
-    dots = tl.dot(a, tl.trans(b), input_precision="ieee")
+    dots = tl.dot(a, tl.trans(b), input_precision=PRECISION)
     exponent = scale_log2 * dots - a_half_norm[:, None] - b_half_norm[None, :]
     return tl.exp2(tl.minimum(exponent, 0.0))
 
@@ -85,14 +96,14 @@ def _key_keep(mask_base, stride_mask, key0, n_keys, has_mask, BLOCK_KEYS: tl.con
     return keep & ~padded
 
 
-@triton.jit
+@_kernel
 def gaussian_attention_fwd_kernel(
         X, Y, V, MASK, OUT,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         so_s, so_b, so_h, so_r, so_d,
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // heads).to(tl.int64)
     head = pid_bh % heads
@@ -112,11 +123,11 @@ def gaussian_attention_fwd_kernel(
     for key0 in range(key_start, key_stop, BLOCK_K):
         keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
         y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
-        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2)
+        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2, PRECISION)
         kappa = tl.where(keep[None, :], kappa, 0.0)
         # Dropped value rows load as 0 so that NaN/inf stored under padding cannot leak into the sum.
         v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
-        acc = tl.dot(kappa.to(v.dtype), v, acc, input_precision="ieee")
+        acc = tl.dot(kappa.to(v.dtype), v, acc, input_precision=PRECISION)
 
     rows = row0 + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_DV)
@@ -125,14 +136,14 @@ def gaussian_attention_fwd_kernel(
              mask=(rows < n_rows)[:, None] & (cols < dim_v)[None, :])
 
 
-@triton.jit
+@_kernel
 def gaussian_attention_bwd_rows_kernel(
         X, Y, V, MASK, GRAD_OUT, GRAD_X,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdx_s, sdx_b, sdx_h, sdx_r, sdx_d,
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // heads).to(tl.int64)
     head = pid_bh % heads
@@ -155,11 +166,11 @@ def gaussian_attention_bwd_rows_kernel(
     for key0 in range(key_start, key_stop, BLOCK_K):
         keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
         y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
-        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2)
+        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2, PRECISION)
         kappa = tl.where(keep[None, :], kappa, 0.0)
         v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
-        d_score = tl.dot(grad_out, tl.trans(v.to(grad_out.dtype)), input_precision="ieee") * kappa
-        acc = tl.dot(d_score.to(y.dtype), y, acc, input_precision="ieee")
+        d_score = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION) * kappa
+        acc = tl.dot(d_score.to(y.dtype), y, acc, input_precision=PRECISION)
         row_sum += tl.sum(d_score, axis=1)
     grad_x = scale * (acc - x.to(tl.float32) * row_sum[:, None])
 
@@ -170,14 +181,14 @@ def gaussian_attention_bwd_rows_kernel(
              grad_x.to(GRAD_X.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < dim)[None, :])
 
 
-@triton.jit
+@_kernel
 def gaussian_attention_bwd_keys_kernel(
         X, Y, V, MASK, GRAD_OUT, GRAD_Y, GRAD_V,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdy_s, sdy_b, sdy_h, sdy_r, sdy_d, sdv_s, sdv_b, sdv_h, sdv_r, sdv_d,
         n_rows, n_keys, kv_heads, group, rows_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_k, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // kv_heads).to(tl.int64)
     kv_head = pid_bh % kv_heads
@@ -203,11 +214,11 @@ def gaussian_attention_bwd_keys_kernel(
             x = _load_tile(x_base, row0, row_stop, sx_r, sx_d, dim, BLOCK_R, BLOCK_D, UPCAST)
             grad_out = _load_tile(g_base, row0, row_stop, sg_r, sg_d, dim_v, BLOCK_R, BLOCK_DV, UPCAST)
             # kappa is symmetric: the transposed tile kappa(Y, X) comes straight out of the same helper.
-            kappa_t = _kappa_tile(y, y_half, x, _half_norm_scaled(x, scale_log2), scale_log2)
+            kappa_t = _kappa_tile(y, y_half, x, _half_norm_scaled(x, scale_log2), scale_log2, PRECISION)
             kappa_t = tl.where(keep[:, None], kappa_t, 0.0)
-            acc_v = tl.dot(kappa_t.to(grad_out.dtype), grad_out, acc_v, input_precision="ieee")
-            d_score_t = tl.dot(v.to(grad_out.dtype), tl.trans(grad_out), input_precision="ieee") * kappa_t
-            acc_y = tl.dot(d_score_t.to(x.dtype), x, acc_y, input_precision="ieee")
+            acc_v = tl.dot(kappa_t.to(grad_out.dtype), grad_out, acc_v, input_precision=PRECISION)
+            d_score_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION) * kappa_t
+            acc_y = tl.dot(d_score_t.to(x.dtype), x, acc_y, input_precision=PRECISION)
             col_sum += tl.sum(d_score_t, axis=1)
     grad_y = scale * (acc_y - y.to(tl.float32) * col_sum[:, None])
 
@@ -224,14 +235,16 @@ def gaussian_attention_bwd_keys_kernel(
              acc_v.to(GRAD_V.dtype.element_ty), mask=(keys < n_keys)[:, None] & (cols_v < dim_v)[None, :])
 
 
-@triton.jit
+@_kernel
 def landmark_gram_kernel(L, OUT, sl_b, sl_h, sl_r, sl_d, so_b, so_h, so_r, so_c, m, heads, dim, scale_log2,
-                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
     pid_i, pid_j, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     base = L + (pid_bh // heads).to(tl.int64) * sl_b + (pid_bh % heads).to(tl.int64) * sl_h
     a = _load_tile(base, pid_i * BLOCK, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
     b = _load_tile(base, pid_j * BLOCK, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
-    kappa = _kappa_tile(a, _half_norm_scaled(a, scale_log2), b, _half_norm_scaled(b, scale_log2), scale_log2)
+    kappa = _kappa_tile(a, _half_norm_scaled(a, scale_log2), b, _half_norm_scaled(b, scale_log2), scale_log2,
+                        PRECISION)
     rows = pid_i * BLOCK + tl.arange(0, BLOCK)
     cols = pid_j * BLOCK + tl.arange(0, BLOCK)
     out = OUT + (pid_bh // heads).to(tl.int64) * so_b + (pid_bh % heads).to(tl.int64) * so_h
@@ -239,10 +252,11 @@ def landmark_gram_kernel(L, OUT, sl_b, sl_h, sl_r, sl_d, so_b, so_h, so_r, so_c,
              mask=(rows < m)[:, None] & (cols < m)[None, :])
 
 
-@triton.jit
+@_kernel
 def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg_h, sg_r, sg_c,
                              sdl_b, sdl_h, sdl_r, sdl_d, m, heads, dim, scale, scale_log2,
-                             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                             PRECISION: tl.constexpr):
     """dL_i = scale * (H L - L * rowsum(H))_i with H = (dM + dM^T) * kappa(L, L), a program per row tile."""
     pid_i, pid_bh = tl.program_id(0), tl.program_id(1)
     batch = (pid_bh // heads).to(tl.int64)
@@ -256,11 +270,11 @@ def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg
     row_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for col0 in range(0, m, BLOCK):
         b = _load_tile(base, col0, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
-        kappa = _kappa_tile(a, a_half, b, _half_norm_scaled(b, scale_log2), scale_log2)
+        kappa = _kappa_tile(a, a_half, b, _half_norm_scaled(b, scale_log2), scale_log2, PRECISION)
         grad_m = _load_tile(grad_base, row0, m, sg_r, sg_c, m - col0, BLOCK, BLOCK, True, None, col0)
         grad_m_t = _load_tile(grad_base, row0, m, sg_c, sg_r, m - col0, BLOCK, BLOCK, True, None, col0)
         sym = (grad_m + grad_m_t) * kappa
-        acc = tl.dot(sym.to(b.dtype), b, acc, input_precision="ieee")
+        acc = tl.dot(sym.to(b.dtype), b, acc, input_precision=PRECISION)
         row_sum += tl.sum(sym, axis=1)
     grad = scale * (acc - a.to(tl.float32) * row_sum[:, None])
     rows = row0 + tl.arange(0, BLOCK)
@@ -276,6 +290,7 @@ def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg
 # interpreter (programs run one after another) a small target still exercises the split path in tests.
 TARGET_PROGRAMS = 8 if INTERPRETER else 512
 HEAD_DIMS = (16, 32, 64, 128, 256)  # head-dim buckets: next power of two of max(p, p_v), at least 16
+MAX_FLOAT32_HEAD_DIM = 128  # float32's split-precision dots need ~3x the registers: no spill-free 256 tile
 KERNEL_ROLES = ("fwd", "rows", "keys")
 
 
@@ -284,34 +299,39 @@ def head_block(dim: int, dim_v: int) -> int:
     return max(16, triton.next_power_of_2(max(dim, dim_v)))
 
 
+def head_buckets(elem_bytes: int) -> tuple[int, ...]:
+    return tuple(d for d in HEAD_DIMS if elem_bytes == 2 or d <= MAX_FLOAT32_HEAD_DIM)
+
+
+def _config(block_r, block_k, num_warps, num_stages, precision="tf32x3"):
+    return dict(BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, PRECISION=precision)
+
+
+# role -> {(input element bytes, head-dim bucket): config}; sizes chosen so that nothing spills on sm_80/sm_90
+# (python -m triton_kernels.compile_check proves it). BLOCK_R tiles the rows of X (queries / landmarks),
+# BLOCK_K the rows of Y (keys / landmarks). "ieee" where float32's tf32x3 would spill.
+_CONFIGS = {
+    "fwd": {(2, 64): _config(64, 64, 4, 2), (2, 128): _config(64, 32, 4, 2), (2, 256): _config(64, 32, 8, 1),
+            (4, 64): _config(64, 32, 4, 2), (4, 128): _config(32, 32, 8, 1)},
+    "rows": {(2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1), (2, 256): _config(32, 16, 8, 1),
+             (4, 64): _config(32, 16, 4, 2, "ieee"), (4, 128): _config(16, 16, 8, 1)},
+    "keys": {(2, 32): _config(32, 32, 4, 1), (2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1),
+             (2, 256): _config(16, 32, 8, 1), (4, 64): _config(16, 32, 4, 2), (4, 128): _config(16, 16, 8, 1)},
+}
+
+
 def block_config(role: str, block_d: int, elem_bytes: int) -> dict:
-    """Tile sizes, warps and stages of a kernel role for a head-dim bucket and input element size (2 or 4).
-
-    compile_check enumerates exactly KERNEL_ROLES x HEAD_DIMS x {fp16, bf16, fp32} through this function and
-    proves that no choice spills registers or overflows shared memory on sm_80 / sm_90.
-    """
-    wide = elem_bytes == 4
-    if role == "fwd":
-        if block_d <= 64:
-            return dict(BLOCK_R=64, BLOCK_K=32 if wide else 64, num_warps=4, num_stages=2)
-        if block_d <= 128:
-            return dict(BLOCK_R=64, BLOCK_K=32, num_warps=4 if not wide else 8, num_stages=2)
-        return dict(BLOCK_R=32 if wide else 64, BLOCK_K=32, num_warps=8, num_stages=1)
-    if role == "rows":
-        if block_d <= 64:
-            return dict(BLOCK_R=64, BLOCK_K=32, num_warps=4, num_stages=2)
-        if block_d <= 128:
-            return dict(BLOCK_R=64 if not wide else 32, BLOCK_K=32, num_warps=8, num_stages=1)
-        return dict(BLOCK_R=32, BLOCK_K=32 if not wide else 16, num_warps=8, num_stages=1)
-    if block_d <= 64:  # keys: two accumulators (dY, dV) per key tile
-        return dict(BLOCK_R=32, BLOCK_K=64 if not wide else 32, num_warps=4, num_stages=2)
-    if block_d <= 128:
-        return dict(BLOCK_R=32, BLOCK_K=32, num_warps=8, num_stages=1)
-    return dict(BLOCK_R=16 if wide else 32, BLOCK_K=32, num_warps=8, num_stages=1)
+    """Tile sizes, warps, stages and float32 dot precision of a kernel role for a head-dim bucket and an
+    input element size (2: fp16/bf16, 4: fp32). compile_check enumerates exactly KERNEL_ROLES x
+    head_buckets(...) x {fp16, bf16, fp32} through this function."""
+    configs = _CONFIGS[role]
+    return configs.get((elem_bytes, block_d)) or configs[(elem_bytes, max(block_d, 64))]
 
 
-def gram_config(block_d: int) -> dict:
-    return dict(BLOCK=32, num_warps=4 if block_d <= 128 else 8, num_stages=1)
+def gram_config(block_d: int, elem_bytes: int) -> dict:
+    if elem_bytes == 4:
+        return dict(BLOCK=16, num_warps=4, num_stages=1, PRECISION="tf32x3")
+    return dict(BLOCK=32, num_warps=4 if block_d <= 128 else 8, num_stages=1, PRECISION="tf32x3")
 
 
 def split_plan(n_stream: int, block_stream: int, programs: int, allow_split: bool) -> tuple[int, int]:
@@ -334,8 +354,8 @@ def _upcast(*tensors: torch.Tensor) -> bool:
 
 def _mask_args(key_mask: torch.Tensor | None, device):
     """(uint8 mask, batch stride, key stride, has_mask); a 1-byte placeholder when there is no mask."""
-    if key_mask is None:
-        return torch.zeros(1, dtype=torch.uint8, device=device), 0, 0, 0
+    if key_mask is None:  # strides (0, 1): the same specialisation as a contiguous mask
+        return torch.zeros(1, dtype=torch.uint8, device=device), 0, 1, 0
     mask = key_mask.view(torch.uint8)
     return mask, mask.stride(0), mask.stride(1), 1
 
@@ -345,9 +365,12 @@ def _buffer(splits: int, shape, dtype, device, split_capable: bool) -> torch.Ten
     return torch.empty(splits, *shape, dtype=torch.float32 if split_capable else dtype, device=device)
 
 
-def _reduce_splits(partial: torch.Tensor, dtype) -> torch.Tensor:
-    """Second stage of a split reduction: a fixed-order sum over the split axis (deterministic)."""
+def _reduce_splits(partial: torch.Tensor, dtype, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Second stage of a split reduction: a fixed-order sum over the split axis (deterministic), then the
+    gradient rescaling factor if any, then the cast."""
     total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    if factor is not None:
+        total = total * factor
     return total.to(dtype)
 
 
@@ -370,23 +393,37 @@ def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_key
             x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *out.stride(),
             n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale * LOG2_E,
             BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-            UPCAST=_upcast(x, y, v), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            UPCAST=_upcast(x, y, v), PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return _reduce_splits(out, out_dtype)
+
+
+def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
+    """2^ceil(log2(max|t|)) as a 0-d float32 tensor (1 for an all-zero t): dividing by it is exact."""
+    amax = t.detach().abs().amax().float()
+    return torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), torch.ones_like(amax))
 
 
 def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys: bool = False):
     """(dx, dy, dv) of gaussian_attention_fwd, each in its input's dtype.
 
-    grad_out in x's dtype or float32 (kept float32 in the kernels: the key summary's dZ may exceed fp16's
-    range). dx streams keys (split like the forward when split_keys); dy, dv stream rows, split as needed,
-    always through float32 partials.
+    dx streams keys (split like the forward when split_keys); dy and dv stream rows, split as needed, always
+    through float32 partials. A float32 grad_out with low-precision inputs (the key summary's dZ, which can
+    exceed fp16's range) is divided by a power of two, fed to the kernels in the input dtype, and the
+    float32 results are multiplied back: exact rescaling, one compiled variant per input dtype.
     """
     batch, heads, n_rows, dim = x.shape
     kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
     v_dtype = v.dtype
     v = v.to(x.dtype)
-    if grad_out.dtype not in (x.dtype, torch.float32):
-        grad_out = grad_out.float()
+    if grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum(): a unit inner stride, as compiled
+        grad_out = grad_out.contiguous()
+    grad_factor = None
+    if grad_out.dtype != x.dtype:
+        if not split_keys:
+            raise ValueError("a gradient in another dtype than x needs split_keys=True (float32 partials)")
+        grad_factor = _power_of_two_scale(grad_out)
+        grad_out = (grad_out / grad_factor).to(x.dtype)
     block_d = head_block(dim, dim_v)
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
     common = (*x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *grad_out.stride())
@@ -401,7 +438,7 @@ def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys
             x, y, v, mask, grad_out, grad_x, *common, *grad_x.stride(),
             n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale,
             scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-            UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            UPCAST=upcast, PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     cfg = block_config("keys", block_d, x.element_size())
     key_tiles = triton.cdiv(n_keys, cfg["BLOCK_K"])
@@ -412,21 +449,22 @@ def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys
         x, y, v, mask, grad_out, grad_y, grad_v, *common, *grad_y.stride(), *grad_v.stride(),
         n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
         scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-        UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return _reduce_splits(grad_x, x.dtype), _reduce_splits(grad_y, y.dtype), _reduce_splits(grad_v, v_dtype)
+        UPCAST=upcast, PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (_reduce_splits(grad_x, x.dtype, grad_factor), _reduce_splits(grad_y, y.dtype, grad_factor),
+            _reduce_splits(grad_v, v_dtype, grad_factor))
 
 
 def landmark_gram_fwd(landmarks: torch.Tensor, scale: float) -> torch.Tensor:
     """M = kappa(L, L) in float32: (b, H, m, p) -> (b, H, m, m)."""
     batch, heads, m, dim = landmarks.shape
     block_d = head_block(dim, dim)
-    cfg = gram_config(block_d)
+    cfg = gram_config(block_d, landmarks.element_size())
     out = torch.empty(batch, heads, m, m, dtype=torch.float32, device=landmarks.device)
     tiles = triton.cdiv(m, cfg["BLOCK"])
     landmark_gram_kernel[(tiles, tiles, batch * heads)](
         landmarks, out, *landmarks.stride(), *out.stride(), m, heads, dim, scale * LOG2_E,
-        BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks), PRECISION=cfg["PRECISION"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
@@ -434,11 +472,11 @@ def landmark_gram_bwd(grad_gram: torch.Tensor, landmarks: torch.Tensor, scale: f
     """dL from dM (any float dtype; read as float32)."""
     batch, heads, m, dim = landmarks.shape
     block_d = head_block(dim, dim)
-    cfg = gram_config(block_d)
+    cfg = gram_config(block_d, landmarks.element_size())
     grad_gram = grad_gram.float()
     grad = torch.empty(landmarks.shape, dtype=landmarks.dtype, device=landmarks.device)
     landmark_gram_bwd_kernel[(triton.cdiv(m, cfg["BLOCK"]), batch * heads)](
         landmarks, grad_gram, grad, *landmarks.stride(), *grad_gram.stride(), *grad.stride(), m, heads, dim,
         scale, scale * LOG2_E, BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return grad
