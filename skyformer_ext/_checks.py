@@ -97,7 +97,8 @@ def check_landmark_indices(idx, batch: int, n_total: int, device) -> None:
         raise ValueError(f"landmark_indices must hold at least 2 landmarks per batch row, got {idx.shape[1]}")
     if idx.device != torch.device(device):
         raise ValueError(f"landmark_indices is on {idx.device} but q is on {device}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_total):
+    # The range check reads index values, which torch.compile cannot trace; compiled graphs skip it.
+    if idx.numel() and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= n_total):
         raise ValueError(f"landmark_indices must lie in [0, n_q + n_k) = [0, {n_total}), "
                          f"got range [{int(idx.min())}, {int(idx.max())}]")
 

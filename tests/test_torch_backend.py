@@ -156,3 +156,16 @@ def test_non_contiguous_inputs():
     expected = reference.skyformer_attention(q, k, v, idx, attn_mask=mask)
     actual = sx.skyformer_attention(qt, kt, vt, landmark_indices=idx, attn_mask=mask, backend="torch")
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_compiles_fullgraph_with_explicit_landmarks():
+    q, k, v, mask = make_inputs(dtype=torch.float32, n_q=33, n_k=33)
+    idx = sx.sample_landmarks(2, 33, 33, 8, attn_mask=mask)
+    fn = lambda q_, k_, v_: sx.skyformer_attention(q_, k_, v_, landmark_indices=idx, attn_mask=mask,
+                                                   backend="torch")
+    grad_out = torch.randn(2, 4, 33, 40)
+    eager, eager_grads = _outputs_and_grads(fn, (q, k, v), grad_out)
+    compiled, compiled_grads = _outputs_and_grads(torch.compile(fn, fullgraph=True), (q, k, v), grad_out)
+    torch.testing.assert_close(compiled, eager)
+    for g, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g, e)
