@@ -144,10 +144,10 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     straight = train.main(_tiny(tmp_path / "a", "--attention", "skyformer", "--steps", "5"))
     train.main(_tiny(tmp_path / "b", "--attention", "skyformer", "--steps", "2"))
     resumed = train.main(_tiny(tmp_path / "b", "--attention", "skyformer", "--steps", "5", "--resume"))
-    keys = ("step", "val_loss", "val_accuracy", "train_loss")
+    keys = ("step", "val_loss", "val_accuracy", "train_loss", "train_accuracy")
     assert [[h[k] for k in keys] for h in resumed["runs"][0]["history"]] == [
         [h[k] for k in keys] for h in straight["runs"][0]["history"]]
-    final = [torch.load(d / "checkpoints" / "listops_skyformer.pt", weights_only=False)["model"]
+    final = [torch.load(d / "checkpoints" / "listops_skyformer.pt", weights_only=True)["model"]
              for d in (tmp_path / "a", tmp_path / "b")]
     assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
     with pytest.raises(SystemExit, match="different configuration"):
