@@ -4,8 +4,9 @@
     python -m examples.listops.train --attention all --plot         # the three, then the PNG
     python -m examples.listops.train --attention skyformer --resume # continue from its checkpoint
 
-The data are generated (examples/listops/data.py), deterministic in --seed. Validation runs every
---eval-every steps; its time is not counted as training time. Each kernel keeps a checkpoint in
+The data are generated (examples/listops/data.py), deterministic in --seed. Every kernel trains for the
+same --time-budget seconds; validation runs after every --eval-interval seconds of training and its time is
+not counted as training time. Each kernel keeps a checkpoint in
 --checkpoint-dir (model, optimizer, RNG state, step, history) and its curve in
 <results-dir>/listops_curves.json; --plot draws validation accuracy against training time for every
 kernel in that file (the paper's Figure 2 question) into <results-dir>/listops_val_accuracy.png.
@@ -68,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     args = parser.parse_args(argv)
     if "all" in args.attention:
-        args.attention = list(ATTENTIONS[::-1]) if args.attention == ["all"] else parser.error(
-            "--attention all cannot be combined with other choices")
+        if args.attention != ["all"]:
+            parser.error("--attention all cannot be combined with other choices")
+        args.attention = list(ATTENTIONS[::-1])
     for name in ("batch_size", "train_size", "val_size") + (("steps",) if args.steps is not None else ()):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
