@@ -124,7 +124,7 @@ def test_model_parameters_do_not_depend_on_attention():
 def _tiny(tmp_path, *extra):
     return ["--train-size", "24", "--val-size", "8", "--min-length", "8", "--max-length", "40", "--max-depth", "2",
             "--max-args", "4", "--batch-size", "4", "--num-landmarks", "4", "--eval-interval", "0",
-            "--time-budget", "600", "--dropout", "0.1", "--quiet",
+            "--time-budget", "600", "--dropout", "0.1", "--quiet", "--threads", "0",  # keep pytest's threads
             "--checkpoint-dir", str(tmp_path / "checkpoints"), "--results-dir", str(tmp_path / "results"), *extra]
 
 
