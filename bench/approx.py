@@ -252,7 +252,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, help="seeds to average over (default 3)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/approx)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: nothing here is timed, and one thread per process "
+                        help="torch CPU threads, 0 = leave unchanged (default 1: nothing here is timed, and one thread per process "
                              "avoids OpenMP oversubscription, which slows small ops ~3x on a shared machine)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -268,12 +268,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        rows = run(config, not args.no_progress)
-    finally:
-        torch.set_num_threads(threads)
+    if args.threads:
+        # Set once and never restored: toggling MKL's thread count back and forth inside one process
+        # breaks later torch.linalg.solve calls (torch 2.14.1, m=257: "Pivots given to lu_solve...").
+        torch.set_num_threads(args.threads)
+    rows = run(config, not args.no_progress)
     meta = {"command": ("python -m bench.approx " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
             "started_utc": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - start, 1),
             "torch": torch.__version__, "threads": args.threads, "settings": config}

@@ -152,7 +152,7 @@ def test_progress_without_tqdm(monkeypatch, capsys):
 
 
 def test_approx_quick_report(tmp_path):
-    assert approx.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert approx.main(["--quick", "--no-progress", "--threads", "0", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "approx.json").read_text())
     assert set(payload) == {"meta", "results"}
     rows = payload["results"]
