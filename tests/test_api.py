@@ -128,3 +128,14 @@ def test_device_mismatch_is_rejected():
         sx.skyformer_attention(q, k.to("meta"), v, num_landmarks=4)
     with pytest.raises(ValueError, match="attn_mask is on meta"):
         sx.kernelized_attention(q, k, v, attn_mask=torch.ones(B, NK, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("inverse", ["newton_schulz", "cholesky"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_nan_in_a_landmark_row_gives_nan_for_that_batch_row_only(inverse, backend):
+    q, k, v = inputs()
+    k[0, 1, 2] = float("nan")  # key row 2 of batch 0, kv-head 1, is a landmark below
+    idx = torch.tensor([[0, 1, NQ + 2, NQ + 3]] * B)
+    out = sx.skyformer_attention(q, k, v, landmark_indices=idx, inverse=inverse, backend=backend)
+    assert torch.isnan(out[0, 2:]).all()  # q-heads 2, 3 share kv-head 1
+    assert torch.isfinite(out[1]).all()

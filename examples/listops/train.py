@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -210,8 +211,8 @@ def write_curves(args, runs: list[dict], majority: float, wall_time: float) -> P
     results = json.loads(path.read_text()) if path.exists() else {}
     if results.get("config") != config:
         results = {}
-    results.update({"config": config, "majority_baseline": majority,
-                    "command": "python -m examples.listops.train --attention all --plot"})
+    results.update({"config": config, "majority_baseline": majority})
+    results.setdefault("commands", {})[" ".join(args.attention)] = args.command
     results.setdefault("wall_time_s", {})[" ".join(args.attention)] = round(wall_time, 1)
     results.setdefault("runs", {}).update({run["attention"]: run for run in runs})
     path.write_text(json.dumps(results, indent=1) + "\n")
@@ -250,6 +251,7 @@ def main(argv=None) -> dict:
     """The command line entry point. --threads sets the process-wide thread count and leaves it set: with
     torch 2.14's MKL, going 2 -> 1 -> 2 threads breaks torch.linalg.solve on 257 x 257 matrices."""
     args = parse_args(argv)
+    args.command = " ".join(["python -m examples.listops.train", *(sys.argv[1:] if argv is None else argv)])
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda message: None) if args.quiet else tqdm.write
