@@ -74,9 +74,10 @@ def _(grad_gram, landmarks, scale):
     return torch.empty_like(landmarks)
 
 
-def _gram_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.scale = inputs[1]
+def _save_inputs_and_scale(ctx, inputs, output):
+    """setup_context of every op here: the inputs are (tensors..., scale); backward recomputes from them."""
+    ctx.save_for_backward(*inputs[:-1])
+    ctx.scale = inputs[-1]
 
 
 def _gram_backward(ctx, grad_gram):
@@ -84,7 +85,7 @@ def _gram_backward(ctx, grad_gram):
     return landmark_gram_backward(grad_gram, landmarks, ctx.scale), None
 
 
-landmark_gram.register_autograd(_gram_backward, setup_context=_gram_setup)
+landmark_gram.register_autograd(_gram_backward, setup_context=_save_inputs_and_scale)
 
 
 # ---- stage 2: key summary ------------------------------------------------------------------------------
@@ -110,19 +111,13 @@ def _(grad_summary, k, v, landmarks, key_mask, scale):
     return torch.empty_like(k), torch.empty_like(v), torch.empty_like(landmarks)
 
 
-def _summary_setup(ctx, inputs, output):
-    k, v, landmarks, key_mask, scale = inputs
-    ctx.save_for_backward(k, v, landmarks, key_mask)
-    ctx.scale = scale
-
-
 def _summary_backward(ctx, grad_summary):
     k, v, landmarks, key_mask = ctx.saved_tensors
     grad_k, grad_v, grad_landmarks = key_summary_backward(grad_summary, k, v, landmarks, key_mask, ctx.scale)
     return grad_k, grad_v, grad_landmarks, None, None
 
 
-key_summary_op.register_autograd(_summary_backward, setup_context=_summary_setup)
+key_summary_op.register_autograd(_summary_backward, setup_context=_save_inputs_and_scale)
 
 
 # ---- stage 3: query apply ------------------------------------------------------------------------------
@@ -148,18 +143,12 @@ def _(grad_out, q, landmarks, landmark_values, scale):
     return torch.empty_like(q), torch.empty_like(landmarks), torch.empty_like(landmark_values)
 
 
-def _apply_setup(ctx, inputs, output):
-    q, landmarks, landmark_values, scale = inputs
-    ctx.save_for_backward(q, landmarks, landmark_values)
-    ctx.scale = scale
-
-
 def _apply_backward(ctx, grad_out):
     q, landmarks, landmark_values = ctx.saved_tensors
     return (*query_apply_backward(grad_out, q, landmarks, landmark_values, ctx.scale), None)
 
 
-query_apply_op.register_autograd(_apply_backward, setup_context=_apply_setup)
+query_apply_op.register_autograd(_apply_backward, setup_context=_save_inputs_and_scale)
 
 
 # ---- exact kernelized attention ------------------------------------------------------------------------
@@ -185,18 +174,12 @@ def _(grad_out, q, k, v, key_mask, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _ka_setup(ctx, inputs, output):
-    q, k, v, key_mask, scale = inputs
-    ctx.save_for_backward(q, k, v, key_mask)
-    ctx.scale = scale
-
-
 def _ka_backward(ctx, grad_out):
     q, k, v, key_mask = ctx.saved_tensors
     return (*kernelized_attention_backward(grad_out, q, k, v, key_mask, ctx.scale), None, None)
 
 
-kernelized_attention_op.register_autograd(_ka_backward, setup_context=_ka_setup)
+kernelized_attention_op.register_autograd(_ka_backward, setup_context=_save_inputs_and_scale)
 
 
 # ---- entry points used by api.py -----------------------------------------------------------------------
