@@ -104,6 +104,24 @@ def test_kernelized_matches_reference_and_gradcheck(tiling):
         lambda q_, k_, v_: sx.kernelized_attention(q_, k_, v_, attn_mask=small_mask, backend="torch"), small)
 
 
+def test_large_norms_neither_overflow_nor_underflow():
+    # Rows around a far common centre: scale*|q|^2/2 is ~800, so kappa factored into exp(q.k) * exp(-|q|^2/2)
+    # overflows to inf/NaN or underflows to 0, while the true kernel values are moderate. The tiled path
+    # must keep the exponent in one piece; fp32 cancellation of the ~800-sized terms costs ~3e-4 relative.
+    q, k, v, _ = make_inputs(n_q=33, n_k=45, p=16, p_v=8, dtype=torch.float64, masked=False)
+    q, k = q + 20.0, k + 20.0
+    truth = reference.kernelized_attention(q, k, v)
+    fast = sx.kernelized_attention(q.float(), k.float(), v.float(), backend="torch")
+    assert truth.abs().max() > 1e-3
+    assert max_error(fast, truth) <= 2e-3 * truth.abs().max().item()
+    idx = sx.sample_landmarks(2, 33, 45, 16, generator=torch.Generator().manual_seed(0))
+    truth = reference.skyformer_attention(q, k, v, idx, inverse="cholesky")
+    fast = sx.skyformer_attention(q.float(), k.float(), v.float(), landmark_indices=idx, inverse="cholesky",
+                                  backend="torch")
+    assert torch.isfinite(fast).all()
+    assert max_error(fast, truth) <= 2e-3 * truth.abs().max().item()
+
+
 def test_padded_keys_change_nothing():
     q, k, v, mask = make_inputs(dtype=torch.float32)
     idx = sx.sample_landmarks(2, q.shape[2], k.shape[2], 16, attn_mask=mask)
