@@ -2,8 +2,9 @@
 
 By symmetry of kappa, Z = GA(L, K, V, key_mask): the m landmark rows are the "queries" and the n keys are
 streamed. m rows give few programs, so the key axis is split and the float32 partial sums are added in a
-fixed order (deterministic=False: atomically, into one buffer). Z comes back in float32 for the landmark solve. k, v: (b, Hk, n, p / pv) shared by the
-heads // Hk landmark heads of a GQA group (head indexing, no copies); L: (b, H, m, p).
+fixed order (deterministic=False: atomically, into one buffer). Z comes back in float32 for the landmark
+solve. k, v: (b, Hk, n, p / pv) shared by the heads // Hk landmark heads of a GQA group (head indexing, no
+copies); L: (b, H, m, p).
 """
 
 from __future__ import annotations
