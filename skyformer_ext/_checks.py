@@ -78,6 +78,11 @@ def check_positive_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_ridge(ridge) -> None:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
         raise TypeError(f"ridge must be a float, got {type(ridge).__name__}")

@@ -11,8 +11,8 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 
 
 def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
-    """"auto" -> the fused Triton kernels for CUDA tensors they cover (fp16/bf16 up to head dim 256, fp32 up
-    to 128) when triton imports, else the tiled PyTorch path."""
+    """"auto" -> the fused Triton kernels for CUDA tensors they cover (fp16/bf16/fp32, head dims up to 256)
+    when triton imports, else the tiled PyTorch path."""
     _checks.check_choice("backend", backend, BACKENDS)
     if backend != "auto":
         return backend
@@ -30,7 +30,8 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
                         attn_mask: torch.Tensor | None = None, landmarks: str = "random",
                         landmark_indices: torch.Tensor | None = None, generator: torch.Generator | None = None,
                         ridge: float = 0.1, inverse: str = "newton_schulz", ns_iters: int = 6,
-                        scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                        scale: float | None = None, backend: str = "auto",
+                        deterministic: bool = True) -> torch.Tensor:
     """Skyformer attention: a Nystrom approximation of Gaussian-kernel attention with m landmarks.
 
     Args:
@@ -48,6 +49,10 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
         backend: "auto" (fastest available: "triton" on CUDA, else "torch"), "triton" (fused kernels; CUDA
             tensors, or CPU under TRITON_INTERPRET=1), "torch" (tiled PyTorch), "reference" (plain,
             materialising).
+        deterministic: True (default): bit-identical outputs and gradients for the same inputs. False lets
+            the triton backend add its split-over-the-sequence partial sums with atomics (no per-split
+            buffers; the last bits vary run to run). No effect on "torch" and "reference" (always
+            deterministic).
 
     Returns:
         (batch, heads, n_q, p_v) in q's dtype.
@@ -66,6 +71,7 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     _checks.check_choice("inverse", inverse, _checks.INVERSES)
     _checks.check_positive_int("ns_iters", ns_iters, 1)
     _checks.check_scale(scale)
+    _checks.check_bool("deterministic", deterministic)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     backend = _resolve_backend(backend, q, v)
@@ -82,27 +88,30 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     if backend == "triton":
         from . import triton_backend
         return triton_backend.skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse,
-                                                  ns_iters, scale)
+                                                  ns_iters, scale, deterministic)
     return torch_backend.skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters,
                                              scale)
 
 
 def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          attn_mask: torch.Tensor | None = None, scale: float | None = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", deterministic: bool = True) -> torch.Tensor:
     """Exact Kernelized Attention kappa(Q, K) V (the model Skyformer approximates), no normalisation.
 
-    Same shapes, mask and ``scale`` conventions as :func:`skyformer_attention`. backend "triton" is the fused
-    FlashAttention-style kernel and "torch" tiles the computation (both O(n) extra memory, no n_q x n_k
-    matrix); "reference" materialises it. A batch row whose keys are all masked returns zeros.
+    Same shapes, mask, ``scale`` and ``deterministic`` conventions as :func:`skyformer_attention`. backend
+    "triton" is the fused FlashAttention-style kernel and "torch" tiles the computation (both O(n) extra
+    memory, no n_q x n_k matrix); "reference" materialises it. A batch row whose keys are all masked returns
+    zeros.
     """
     _checks.check_qkv(q, k, v)
     _checks.check_key_mask(attn_mask, q.shape[0], k.shape[2], q.device)
     _checks.check_scale(scale)
+    _checks.check_bool("deterministic", deterministic)
     backend = _resolve_backend(backend, q, v)
     if backend == "reference":
         return reference.kernelized_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if backend == "triton":
         from . import triton_backend
-        return triton_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))
+        return triton_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]),
+                                                   deterministic)
     return torch_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))

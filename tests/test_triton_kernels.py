@@ -13,6 +13,7 @@ import torch
 
 import skyformer_ext as sky
 from skyformer_ext import api, reference, triton_backend
+from triton_kernels import gaussian_tiles
 from conftest import assert_within_low_precision_rule, max_error
 
 FLOAT32_TOL = 2e-5
@@ -80,6 +81,8 @@ KA_CASES = [
     (torch.float32, 2, 2, 2, 97, 97, 64, 64, "with_empty_row"),
     (torch.float32, 1, 4, 2, 17, 256, 80, 80, "none"),
     (torch.float32, 2, 2, 1, 1, 33, 16, 16, "random"),
+    (torch.float32, 1, 2, 1, 17, 33, 192, 160, "with_empty_row"),  # float32's head-dim bucket 256
+    (torch.float32, 1, 2, 2, 33, 17, 256, 256, "random"),
     (torch.float16, 2, 4, 2, 97, 61, 80, 80, "with_empty_row"),
     (torch.float16, 1, 2, 2, 256, 17, 16, 16, "none"),
     (torch.bfloat16, 2, 4, 1, 33, 97, 64, 64, "random"),
@@ -105,6 +108,8 @@ SKYFORMER_CASES = [
     (torch.float32, 1, 4, 2, 256, 97, 80, 64, "none", "cholesky"),
     (torch.float32, 2, 2, 1, 1, 17, 16, 2, "random", "newton_schulz"),
     (torch.float32, 1, 2, 2, 17, 256, 16, 64, "random", "cholesky"),
+    (torch.float32, 1, 2, 1, 33, 17, 256, 16, "with_empty_row", "newton_schulz"),
+    (torch.float32, 1, 2, 2, 17, 33, 160, 16, "random", "cholesky"),
     (torch.float16, 2, 4, 2, 97, 61, 80, 16, "with_empty_row", "newton_schulz"),
     (torch.float16, 1, 2, 2, 256, 256, 64, 64, "none", "cholesky"),
     (torch.float16, 1, 2, 1, 17, 1, 16, 2, "none", "newton_schulz"),
@@ -141,7 +146,7 @@ def test_each_stage_matches_its_reference(dtype):
         _check_close(g, t, b, dtype, name)
 
     grad = torch.randn(2, 4, 24, 32, dtype=torch.float64)
-    fused = lambda k, v, l: triton_backend.key_summary_op(k, v, l, mask, scale)  # noqa: E731
+    fused = lambda k, v, l: triton_backend.key_summary_op(k, v, l, mask, scale, True)  # noqa: E731
     plain = lambda k, v, l: reference.key_summary(k, v, l, mask, scale)  # noqa: E731
     truth = _run(plain, [k.double(), v.double(), landmarks.double()], grad)
     got = _run(fused, [k, v, landmarks], grad)
@@ -151,13 +156,62 @@ def test_each_stage_matches_its_reference(dtype):
         _check_close(g, t, b, dtype, name)
 
     grad = torch.randn(2, 4, 45, 32, dtype=torch.float64)
-    fused = lambda q, l, y: triton_backend.query_apply_op(q, l, y, scale)  # noqa: E731
+    fused = lambda q, l, y: triton_backend.query_apply_op(q, l, y, scale, True)  # noqa: E731
     plain = lambda q, l, y: reference.query_apply(q, l, y.to(q.dtype), scale)  # noqa: E731
     truth = _run(plain, [q.double(), landmarks.double(), landmark_values.double()], grad)
     got = _run(fused, [q, landmarks, landmark_values], grad)
     base = _run(plain, [q, landmarks, landmark_values], grad) if dtype != torch.float32 else truth
     for g, t, b, name in zip(got, truth, base, ("out", "dq", "dL", "dY")):
         _check_close(g, t, b, dtype, name)
+
+
+@pytest.fixture
+def atomic_launches(monkeypatch):
+    """Records, per buffer the host wrappers allocate, whether its launch adds into it atomically."""
+    seen = []
+    real_buffer = gaussian_tiles._buffer
+
+    def recording(splits, shape, dtype, device, split_capable, atomic):
+        seen.append(atomic)
+        return real_buffer(splits, shape, dtype, device, split_capable, atomic)
+
+    monkeypatch.setattr(gaussian_tiles, "_buffer", recording)
+    return seen
+
+
+# (dtype, batch, heads, kv_heads, n_q, n_k, p, m, mask): masks and GQA, fp32 and fp16
+NONDETERMINISTIC_CASES = [
+    (torch.float32, 2, 2, 1, 61, 40, 32, 16, "with_empty_row"),
+    (torch.float16, 1, 4, 2, 97, 61, 80, 16, "random"),
+]
+
+
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,n_q,n_k,p,m,mask_kind", NONDETERMINISTIC_CASES)
+def test_deterministic_false_adds_split_partials_atomically_and_matches_reference(
+        dtype, batch, heads, kv_heads, n_q, n_k, p, m, mask_kind, atomic_launches):
+    q, k, v, mask = _inputs(batch, heads, kv_heads, n_q, n_k, p, p, dtype, mask_kind)
+    idx = sky.sample_landmarks(batch, n_q, n_k, m, attn_mask=mask)
+    _check_against_reference(
+        lambda q, k, v: sky.skyformer_attention(q, k, v, landmark_indices=idx, attn_mask=mask, backend="triton",
+                                                deterministic=False),
+        lambda q, k, v: reference.skyformer_attention(q, k, v, idx, attn_mask=mask),
+        (q, k, v), dtype, ("out", "dq", "dk", "dv"))
+    assert any(atomic_launches), atomic_launches  # (few programs under the interpreter: the key summary splits)
+    atomic_launches.clear()
+    _check_against_reference(
+        lambda q, k, v: sky.kernelized_attention(q, k, v, attn_mask=mask, backend="triton", deterministic=False),
+        lambda q, k, v: reference.kernelized_attention(q, k, v, attn_mask=mask),
+        (q, k, v), dtype, ("out", "dq", "dk", "dv"))
+    assert any(atomic_launches), atomic_launches  # dK, dV split over the query rows
+
+
+def test_deterministic_must_be_a_bool():
+    q, k, v, _ = _inputs(1, 1, 1, 4, 4, 16, 16, torch.float32, "none")
+    for backend in ("triton", "torch"):
+        with pytest.raises(TypeError, match="deterministic"):
+            sky.skyformer_attention(q, k, v, num_landmarks=2, backend=backend, deterministic=1)
+        with pytest.raises(TypeError, match="deterministic"):
+            sky.kernelized_attention(q, k, v, backend=backend, deterministic="no")
 
 
 def test_same_input_gives_bit_identical_outputs_and_gradients():
@@ -171,7 +225,8 @@ def test_same_input_gives_bit_identical_outputs_and_gradients():
 
     for fn in (lambda q, k, v: sky.skyformer_attention(q, k, v, landmark_indices=idx, attn_mask=mask,
                                                        backend="triton"),
-               lambda q, k, v: sky.kernelized_attention(q, k, v, attn_mask=mask, backend="triton")):
+               lambda q, k, v: sky.kernelized_attention(q, k, v, attn_mask=mask, backend="triton",
+                                                        deterministic=True)):
         first, second = once(fn), once(fn)
         for a, b in zip(first, second):
             assert torch.equal(a, b)
@@ -182,12 +237,13 @@ def test_custom_ops_pass_opcheck():
     q, k, v, mask = _inputs(1, 2, 1, 19, 23, 16, 16, torch.float32, "random")
     landmarks = q[:, :, :5].clone()
     values = torch.randn(1, 2, 5, 16)
-    cases = [
-        (torch.ops.skyformer_ext.kernelized_attention, (q, k, v, mask, scale)),
-        (torch.ops.skyformer_ext.landmark_gram, (landmarks, scale)),
-        (torch.ops.skyformer_ext.key_summary, (k, v, landmarks, mask, scale)),
-        (torch.ops.skyformer_ext.query_apply, (q, landmarks, values, scale)),
-    ]
+    cases = [(torch.ops.skyformer_ext.landmark_gram, (landmarks, scale))]
+    for deterministic in (True, False):
+        cases += [
+            (torch.ops.skyformer_ext.kernelized_attention, (q, k, v, mask, scale, deterministic)),
+            (torch.ops.skyformer_ext.key_summary, (k, v, landmarks, mask, scale, deterministic)),
+            (torch.ops.skyformer_ext.query_apply, (q, landmarks, values, scale, deterministic)),
+        ]
     for op, args in cases:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args)
@@ -213,7 +269,8 @@ def test_backend_choice_and_errors(monkeypatch):
         return type("FakeCudaTensor", (), {"is_cuda": True, "dtype": dtype, "shape": (1, 1, 8, head_dim)})()
 
     for dtype, head_dim, expected in ((torch.float16, 256, "triton"), (torch.bfloat16, 80, "triton"),
-                                      (torch.float32, 128, "triton"), (torch.float32, 256, "torch"),
+                                      (torch.float32, 160, "triton"), (torch.float32, 256, "triton"),
+                                      (torch.float16, 257, "torch"), (torch.float32, 320, "torch"),
                                       (torch.float64, 64, "torch")):
         fake = cuda_like(dtype, head_dim)
         assert api._resolve_backend("auto", fake, fake) == expected, (dtype, head_dim)
@@ -223,8 +280,8 @@ def test_backend_choice_and_errors(monkeypatch):
     q, k, v, _ = _inputs(1, 1, 1, 4, 4, 16, 16, torch.float64, "none")
     with pytest.raises(TypeError, match="float64"):
         sky.kernelized_attention(q, k, v, backend="triton")
-    wide = torch.zeros(1, 1, 4, 256)
-    with pytest.raises(ValueError, match="head dims up to 128"):
+    wide = torch.zeros(1, 1, 4, 272)
+    with pytest.raises(ValueError, match="head dims up to 256"):
         sky.kernelized_attention(wide, wide, wide, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):

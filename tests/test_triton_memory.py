@@ -10,7 +10,7 @@ tested, and an (n x n) one by far.
 import pytest
 import torch
 
-from skyformer_ext import kernelized_attention, sample_landmarks, skyformer_attention
+from skyformer_ext import kernelized_attention, reference, sample_landmarks, skyformer_attention
 from skyformer_ext._memory import PeakMemory
 
 P, M, HEADS = 16, 64, 2
@@ -44,3 +44,35 @@ def test_fused_path_memory_is_linear_in_n_and_free_of_n_by_m_buffers(kind, n_sma
         assert pm.largest_bytes <= allowed, (n, pm.largest_bytes, allowed)
     # 4x the sequence: peak grows at most ~4x (linear), far below the 16x of anything quadratic.
     assert large.peak_bytes <= 4.5 * small.peak_bytes, (small.peak_bytes, large.peak_bytes)
+
+
+def test_deterministic_false_needs_no_per_split_partial_buffers(monkeypatch):
+    """The key summary streams n keys for m landmark rows: deterministic=True writes (splits x m x p) float32
+    partials, deterministic=False one (m x p) buffer that the splits add into atomically. Measured on the
+    stage's host wrapper (inside a custom op PeakMemory would only see the op's outputs); the interpreter's
+    own copies of the inputs are the same in both runs."""
+    from triton_kernels import gaussian_tiles, key_summary
+
+    buffers = []
+    real_buffer = gaussian_tiles._buffer
+
+    def recording(*args):
+        buffers.append(real_buffer(*args))
+        return buffers[-1]
+
+    monkeypatch.setattr(gaussian_tiles, "_buffer", recording)
+    n, m = 512, 16
+    k = 0.5 * torch.randn(1, 1, n, P)
+    v = torch.randn(1, 1, n, P)
+    landmarks = 0.5 * torch.randn(1, HEADS, m, P)
+    mask = torch.rand(1, n) > 0.2
+    summary_bytes = HEADS * m * P * 4
+    peak, splits = {}, {}
+    for deterministic in (True, False):
+        with PeakMemory() as pm:
+            summary = key_summary.forward(k, v, landmarks, mask, 0.25, deterministic)
+        peak[deterministic], splits[deterministic] = pm.peak_bytes, buffers.pop().shape[0]
+        torch.testing.assert_close(summary, reference.key_summary(k, v, landmarks, mask, 0.25))
+    assert splits[True] >= 2 and splits[False] == 1, splits  # the interpreter's split plan cuts n into ranges
+    # the (splits x m x p) partials and their (m x p) sum, against one (m x p) buffer
+    assert peak[True] - peak[False] == splits[True] * summary_bytes, (peak, splits)

@@ -4,10 +4,12 @@ without a GPU, and report registers, spills and shared memory.
     python -m triton_kernels.compile_check            # table; exit 1 on a spill or a shared-memory overflow
     python -m triton_kernels.compile_check --arch 90  # one architecture
     python -m triton_kernels.compile_check --json rows.json
+    python -m triton_kernels.compile_check --dtype fp32 --head-dim 256  # a subset (both repeatable)
 
 The configurations come from the same functions the wrappers call (``block_config``, ``gram_config``) over
-every head-dim bucket (``head_buckets``: 16..256 for fp16/bf16, 16..128 for fp32) and input dtype, with the
-pointer dtypes each stage passes (float32 split partials and key-summary output). Launches see unit inner
+every head-dim bucket (``HEAD_DIMS``: 16..256) and input dtype, with the pointer dtypes each stage passes
+(float32 split partials and key-summary output) and, for the launches that may split, both the
+deterministic store and the atomic-add variant (``ATOMIC``, deterministic=False). Launches see unit inner
 strides and 16-byte aligned pointers and never specialise sizes, head counts or the mask flag, so these are
 the signatures they compile. Registers and spills come from ptxas -v on the generated PTX (the assembler
 bundled with Triton), shared memory from Triton's metadata. Must run without TRITON_INTERPRET (interpreted
@@ -45,35 +47,40 @@ class Launch:
         blocks = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in self.constexprs if k.startswith("BLOCK"))
         wide = ",".join(f"{k}:{v}" for k, v in self.pointer_dtypes if v != self.dtype)
         precision = dict(self.constexprs)["PRECISION"] if self.dtype == "fp32" else ""
+        atomic = " atomic" if dict(self.constexprs).get("ATOMIC") else ""
         return (f"{self.dtype} {blocks} w{self.num_warps}s{self.num_stages}" + (f" {precision}" if precision else "")
-                + (f" [{wide}]" if wide else ""))
+                + atomic + (f" [{wide}]" if wide else ""))
 
 
-def _stage_launches(dtype: str) -> list[Launch]:
+def _stage_launches(dtype: str, head_dims=None) -> list[Launch]:
     """What the stage wrappers launch for one input dtype: kernel, pointer dtypes, constexprs, warps.
 
     Pointer dtypes per stage (see gaussian_tiles' host wrappers): kernelized attention and the query apply
     write the forward output and dX in the input dtype; the key summary (split) writes float32 Z and dL
     partials; dY and dV always go through float32 partials. Values and output gradients always arrive in
-    the input dtype (the key summary's float32 dZ is rescaled by a power of two and cast).
+    the input dtype (the key summary's float32 dZ is rescaled by a power of two and cast). The float32
+    writes of split-capable launches also come as ATOMIC=True (deterministic=False).
     """
     from . import gaussian_tiles as gt
 
     f32 = "fp32"
-    variants = {  # role -> [(stages, {pointer: dtype})]
-        "fwd": [("kernelized,query_apply", {"OUT": dtype}), ("key_summary", {"OUT": f32})],
-        "rows": [("kernelized,query_apply", {"GRAD_X": dtype}), ("key_summary", {"GRAD_X": f32})],
-        "keys": [("all", {"GRAD_Y": f32, "GRAD_V": f32})],
+    variants = {  # role -> [(stages, {pointer: dtype}, atomic)]
+        "fwd": [("kernelized,query_apply", {"OUT": dtype}, False), ("key_summary", {"OUT": f32}, False),
+                ("key_summary", {"OUT": f32}, True)],
+        "rows": [("kernelized,query_apply", {"GRAD_X": dtype}, False), ("key_summary", {"GRAD_X": f32}, False),
+                 ("key_summary", {"GRAD_X": f32}, True)],
+        "keys": [("all", {"GRAD_Y": f32, "GRAD_V": f32}, False), ("all", {"GRAD_Y": f32, "GRAD_V": f32}, True)],
     }
     kernels = {"fwd": "gaussian_attention_fwd_kernel", "rows": "gaussian_attention_bwd_rows_kernel",
                "keys": "gaussian_attention_bwd_keys_kernel"}
     launches = {}
-    for block_d in gt.head_buckets(DTYPES[dtype]):
+    for block_d in head_dims or gt.HEAD_DIMS:
         for role in gt.KERNEL_ROLES:
             cfg = gt.block_config(role, block_d, DTYPES[dtype])
-            consts = (("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", block_d),
-                      ("BLOCK_DV", block_d), ("UPCAST", False), ("PRECISION", cfg["PRECISION"]))
-            for stages, pointers in variants[role]:
+            for stages, pointers, atomic in variants[role]:
+                consts = (("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", block_d),
+                          ("BLOCK_DV", block_d), ("UPCAST", False), ("PRECISION", cfg["PRECISION"]),
+                          ("ATOMIC", atomic))
                 key = (kernels[role], tuple(sorted(pointers.items())), consts)
                 if key in launches:  # float32 inputs: the two variants coincide
                     stages = launches[key].stage + "," + stages
@@ -89,8 +96,9 @@ def _stage_launches(dtype: str) -> list[Launch]:
     return list(launches.values())
 
 
-def launches() -> list[Launch]:
-    return [launch for dtype in DTYPES for launch in _stage_launches(dtype)]
+def launches(dtypes=None, head_dims=None) -> list[Launch]:
+    """Every launch (or those of the given input dtypes / head-dim buckets)."""
+    return [launch for dtype in dtypes or DTYPES for launch in _stage_launches(dtype, head_dims)]
 
 
 _UNIT_STRIDES = re.compile(r"^s\w+_(d|c)$|^sm_r$")  # innermost strides: 1 for contiguous inputs
@@ -157,10 +165,10 @@ def compile_one(job: tuple[Launch, int]) -> dict:
                 ok=spills == 0 and shared <= SHARED_LIMIT[arch])
 
 
-def run(archs=(80, 90), workers: int | None = None) -> list[dict]:
+def run(archs=(80, 90), workers: int | None = None, dtypes=None, head_dims=None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (interpreted kernels cannot compile)")
-    jobs = [(launch, arch) for arch in archs for launch in launches()]
+    jobs = [(launch, arch) for arch in archs for launch in launches(dtypes, head_dims)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(compile_one, jobs))
@@ -179,10 +187,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
                         help="compute capability (repeatable); default: 80 and 90")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="input dtype (repeatable)")
+    parser.add_argument("--head-dim", type=int, action="append", help="head-dim bucket (repeatable)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    rows = run(tuple(args.arch or SHARED_LIMIT), args.workers)
+    from .gaussian_tiles import HEAD_DIMS
+
+    if any(d not in HEAD_DIMS for d in args.head_dim or ()):
+        parser.error(f"--head-dim must be one of {list(HEAD_DIMS)}")
+    rows = run(tuple(args.arch or SHARED_LIMIT), args.workers, args.dtype, args.head_dim)
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

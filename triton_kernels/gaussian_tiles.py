@@ -18,8 +18,11 @@ Kernels (one body each for every dtype and stage):
 - ``landmark_gram_kernel``: stores kappa(L_i tile, L_j tile) in float32.
 
 Splits: when (row tiles x heads) alone cannot fill the GPU (the key summary has only m rows), the streamed
-axis is cut into ``splits`` contiguous ranges, each program writes a float32 partial sum to its own slice of
-a (splits, ...) buffer and the host adds the slices in a fixed order: deterministic, no atomics.
+axis is cut into ``splits`` contiguous ranges. By default each program writes a float32 partial sum to its
+own slice of a (splits, ...) buffer and the host adds the slices in a fixed order: deterministic, no
+atomics. With deterministic=False (the ``ATOMIC`` constexpr, chosen only for launches that do split) the
+programs ``tl.atomic_add`` into one zero-filled float32 buffer instead: no per-split memory, but the float
+sum's order, hence its last bits, varies from run to run.
 
 Precision: dots take the input dtype with float32 accumulation; float32 dots use input_precision "tf32x3"
 or "ieee" (the PRECISION constexpr, chosen per config): plain tf32 would cancel x.y against the norms,
@@ -96,6 +99,16 @@ def _key_keep(mask_base, stride_mask, key0, n_keys, has_mask, BLOCK_KEYS: tl.con
     return keep & ~padded
 
 
+@triton.jit
+def _write_tile(pointers, values, inside, ATOMIC: tl.constexpr):
+    """Store a tile, or (ATOMIC, deterministic=False) add it into a zero-initialised float32 buffer that
+    every split shares: order-dependent rounding, but no per-split partial buffer."""
+    if ATOMIC:
+        tl.atomic_add(pointers, values, mask=inside, sem="relaxed")
+    else:
+        tl.store(pointers, values, mask=inside)
+
+
 @_kernel
 def gaussian_attention_fwd_kernel(
         X, Y, V, MASK, OUT,
@@ -103,7 +116,7 @@ def gaussian_attention_fwd_kernel(
         so_s, so_b, so_h, so_r, so_d,
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // heads).to(tl.int64)
     head = pid_bh % heads
@@ -132,8 +145,8 @@ def gaussian_attention_fwd_kernel(
     rows = row0 + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_DV)
     out = OUT + split.to(tl.int64) * so_s + batch * so_b + head * so_h
-    tl.store(out + rows[:, None].to(tl.int64) * so_r + cols[None, :] * so_d, acc.to(OUT.dtype.element_ty),
-             mask=(rows < n_rows)[:, None] & (cols < dim_v)[None, :])
+    _write_tile(out + rows[:, None].to(tl.int64) * so_r + cols[None, :] * so_d, acc.to(OUT.dtype.element_ty),
+                (rows < n_rows)[:, None] & (cols < dim_v)[None, :], ATOMIC)
 
 
 @_kernel
@@ -143,7 +156,7 @@ def gaussian_attention_bwd_rows_kernel(
         sg_b, sg_h, sg_r, sg_d, sdx_s, sdx_b, sdx_h, sdx_r, sdx_d,
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // heads).to(tl.int64)
     head = pid_bh % heads
@@ -177,8 +190,8 @@ def gaussian_attention_bwd_rows_kernel(
     rows = row0 + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     out = GRAD_X + split.to(tl.int64) * sdx_s + batch * sdx_b + head * sdx_h
-    tl.store(out + rows[:, None].to(tl.int64) * sdx_r + cols[None, :] * sdx_d,
-             grad_x.to(GRAD_X.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < dim)[None, :])
+    _write_tile(out + rows[:, None].to(tl.int64) * sdx_r + cols[None, :] * sdx_d,
+                grad_x.to(GRAD_X.dtype.element_ty), (rows < n_rows)[:, None] & (cols < dim)[None, :], ATOMIC)
 
 
 @_kernel
@@ -188,7 +201,7 @@ def gaussian_attention_bwd_keys_kernel(
         sg_b, sg_h, sg_r, sg_d, sdy_s, sdy_b, sdy_h, sdy_r, sdy_d, sdv_s, sdv_b, sdv_h, sdv_r, sdv_d,
         n_rows, n_keys, kv_heads, group, rows_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     pid_k, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // kv_heads).to(tl.int64)
     kv_head = pid_bh % kv_heads
@@ -228,11 +241,11 @@ def gaussian_attention_bwd_keys_kernel(
     base = split.to(tl.int64)
     head_kv = kv_head.to(tl.int64)
     out_y = GRAD_Y + base * sdy_s + batch * sdy_b + head_kv * sdy_h
-    tl.store(out_y + keys[:, None].to(tl.int64) * sdy_r + cols[None, :] * sdy_d,
-             grad_y.to(GRAD_Y.dtype.element_ty), mask=(keys < n_keys)[:, None] & (cols < dim)[None, :])
+    _write_tile(out_y + keys[:, None].to(tl.int64) * sdy_r + cols[None, :] * sdy_d,
+                grad_y.to(GRAD_Y.dtype.element_ty), (keys < n_keys)[:, None] & (cols < dim)[None, :], ATOMIC)
     out_v = GRAD_V + base * sdv_s + batch * sdv_b + head_kv * sdv_h
-    tl.store(out_v + keys[:, None].to(tl.int64) * sdv_r + cols_v[None, :] * sdv_d,
-             acc_v.to(GRAD_V.dtype.element_ty), mask=(keys < n_keys)[:, None] & (cols_v < dim_v)[None, :])
+    _write_tile(out_v + keys[:, None].to(tl.int64) * sdv_r + cols_v[None, :] * sdv_d,
+                acc_v.to(GRAD_V.dtype.element_ty), (keys < n_keys)[:, None] & (cols_v < dim_v)[None, :], ATOMIC)
 
 
 @_kernel
@@ -290,7 +303,6 @@ def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg
 # interpreter (programs run one after another) a small target still exercises the split path in tests.
 TARGET_PROGRAMS = 8 if INTERPRETER else 512
 HEAD_DIMS = (16, 32, 64, 128, 256)  # head-dim buckets: next power of two of max(p, p_v), at least 16
-MAX_FLOAT32_HEAD_DIM = 128  # float32's split-precision dots need ~3x the registers: no spill-free 256 tile
 KERNEL_ROLES = ("fwd", "rows", "keys")
 
 
@@ -299,38 +311,39 @@ def head_block(dim: int, dim_v: int) -> int:
     return max(16, triton.next_power_of_2(max(dim, dim_v)))
 
 
-def head_buckets(elem_bytes: int) -> tuple[int, ...]:
-    return tuple(d for d in HEAD_DIMS if elem_bytes == 2 or d <= MAX_FLOAT32_HEAD_DIM)
-
-
 def _config(block_r, block_k, num_warps, num_stages, precision="tf32x3"):
     return dict(BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, PRECISION=precision)
 
 
 # role -> {(input element bytes, head-dim bucket): config}; sizes chosen so that nothing spills on sm_80/sm_90
 # (python -m triton_kernels.compile_check proves it). BLOCK_R tiles the rows of X (queries / landmarks),
-# BLOCK_K the rows of Y (keys / landmarks). "ieee" where float32's tf32x3 would spill.
+# BLOCK_K the rows of Y (keys / landmarks). "ieee" where float32's tf32x3 would spill: at float32 head dim
+# 256 only 16 x 16 ieee tiles fit, and only with 2-3 stages (one stage spills in the backward kernels).
 _CONFIGS = {
     "fwd": {(2, 64): _config(64, 64, 4, 2), (2, 128): _config(64, 32, 4, 2), (2, 256): _config(64, 32, 8, 1),
-            (4, 64): _config(64, 32, 4, 2), (4, 128): _config(32, 32, 8, 1)},
+            (4, 64): _config(64, 32, 4, 2), (4, 128): _config(32, 32, 8, 1),
+            (4, 256): _config(16, 16, 8, 2, "ieee")},
     "rows": {(2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1), (2, 256): _config(32, 16, 8, 1),
-             (4, 64): _config(32, 16, 4, 2, "ieee"), (4, 128): _config(16, 16, 8, 1)},
+             (4, 64): _config(32, 16, 4, 2, "ieee"), (4, 128): _config(16, 16, 8, 1),
+             (4, 256): _config(16, 16, 4, 2, "ieee")},
     "keys": {(2, 32): _config(32, 32, 4, 1), (2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1),
-             (2, 256): _config(16, 32, 8, 1), (4, 64): _config(16, 32, 4, 2), (4, 128): _config(16, 16, 8, 1)},
+             (2, 256): _config(16, 32, 8, 1), (4, 64): _config(16, 32, 8, 2), (4, 128): _config(16, 16, 8, 1),
+             (4, 256): _config(16, 16, 8, 3, "ieee")},
 }
 
 
 def block_config(role: str, block_d: int, elem_bytes: int) -> dict:
     """Tile sizes, warps, stages and float32 dot precision of a kernel role for a head-dim bucket and an
-    input element size (2: fp16/bf16, 4: fp32). compile_check enumerates exactly KERNEL_ROLES x
-    head_buckets(...) x {fp16, bf16, fp32} through this function."""
+    input element size (2: fp16/bf16, 4: fp32). compile_check enumerates exactly KERNEL_ROLES x HEAD_DIMS x
+    {fp16, bf16, fp32} through this function."""
     configs = _CONFIGS[role]
     return configs.get((elem_bytes, block_d)) or configs[(elem_bytes, max(block_d, 64))]
 
 
 def gram_config(block_d: int, elem_bytes: int) -> dict:
-    if elem_bytes == 4:
-        return dict(BLOCK=16, num_warps=4, num_stages=1, PRECISION="tf32x3")
+    if elem_bytes == 4:  # tf32x3 spills at head dim 256
+        return dict(BLOCK=16, num_warps=4 if block_d <= 128 else 8, num_stages=1,
+                    PRECISION="tf32x3" if block_d <= 128 else "ieee")
     return dict(BLOCK=32, num_warps=4 if block_d <= 128 else 8, num_stages=1, PRECISION="tf32x3")
 
 
@@ -360,9 +373,18 @@ def _mask_args(key_mask: torch.Tensor | None, device):
     return mask, mask.stride(0), mask.stride(1), 1
 
 
-def _buffer(splits: int, shape, dtype, device, split_capable: bool) -> torch.Tensor:
-    """Where programs write: float32 (splits, *shape) slices when the launch may split, else the result."""
+def _buffer(splits: int, shape, dtype, device, split_capable: bool, atomic: bool) -> torch.Tensor:
+    """Where programs write: the result itself when the launch cannot split; float32 (splits, *shape) slices
+    when it may; with atomic one zero-filled float32 (1, *shape) that every split adds into."""
+    if atomic:
+        return torch.zeros(1, *shape, dtype=torch.float32, device=device)
     return torch.empty(splits, *shape, dtype=torch.float32 if split_capable else dtype, device=device)
+
+
+def _strides(buffer: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a (splits, ...) buffer as the kernels take them: the split stride is 0 when all programs
+    write the one slice (a single split, or the atomic buffer)."""
+    return (buffer.stride(0) if buffer.shape[0] > 1 else 0, *buffer.stride()[1:])
 
 
 def _reduce_splits(partial: torch.Tensor, dtype, factor: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,10 +396,12 @@ def _reduce_splits(partial: torch.Tensor, dtype, factor: torch.Tensor | None = N
     return total.to(dtype)
 
 
-def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_keys: bool = False):
+def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_keys: bool = False,
+                           deterministic: bool = True):
     """kappa(x, y) @ v: x (b, H, r, p), y (b, Hk, n, p), v (b, Hk, n, pv), key_mask (b, n) bool or None.
 
-    split_keys: cut the key axis into ranges with float32 partials (for few rows, e.g. m landmarks).
+    split_keys: cut the key axis into ranges with float32 partials (for few rows, e.g. m landmarks), added
+    in a fixed order, or (deterministic=False, and only when the launch does split) atomically.
     """
     batch, heads, n_rows, dim = x.shape
     kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
@@ -386,14 +410,15 @@ def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_key
     cfg = block_config("fwd", block_d, x.element_size())
     row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
     splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
-    out = _buffer(splits, (batch, heads, n_rows, dim_v), out_dtype, x.device, split_keys)
+    atomic = not deterministic and splits > 1
+    out = _buffer(splits, (batch, heads, n_rows, dim_v), out_dtype, x.device, split_keys, atomic)
     if n_rows:
         mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
         gaussian_attention_fwd_kernel[(row_tiles, splits, batch * heads)](
-            x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *out.stride(),
+            x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *_strides(out),
             n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale * LOG2_E,
             BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-            UPCAST=_upcast(x, y, v), PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"],
+            UPCAST=_upcast(x, y, v), PRECISION=cfg["PRECISION"], ATOMIC=atomic, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
     return _reduce_splits(out, out_dtype)
 
@@ -404,11 +429,13 @@ def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), torch.ones_like(amax))
 
 
-def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys: bool = False):
+def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys: bool = False,
+                           deterministic: bool = True):
     """(dx, dy, dv) of gaussian_attention_fwd, each in its input's dtype.
 
     dx streams keys (split like the forward when split_keys); dy and dv stream rows, split as needed, always
-    through float32 partials. A float32 grad_out with low-precision inputs (the key summary's dZ, which can
+    through float32 partials (or, deterministic=False, one float32 buffer that the splits add into
+    atomically). A float32 grad_out with low-precision inputs (the key summary's dZ, which can
     exceed fp16's range) is divided by a power of two, fed to the kernels in the input dtype, and the
     float32 results are multiplied back: exact rescaling, one compiled variant per input dtype.
     """
@@ -432,24 +459,28 @@ def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys
     cfg = block_config("rows", block_d, x.element_size())
     row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
     splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
-    grad_x = _buffer(splits, x.shape, x.dtype, x.device, split_keys)
+    atomic = not deterministic and splits > 1
+    grad_x = _buffer(splits, x.shape, x.dtype, x.device, split_keys, atomic)
     if n_rows:
         gaussian_attention_bwd_rows_kernel[(row_tiles, splits, batch * heads)](
-            x, y, v, mask, grad_out, grad_x, *common, *grad_x.stride(),
+            x, y, v, mask, grad_out, grad_x, *common, *_strides(grad_x),
             n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale,
             scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-            UPCAST=upcast, PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            UPCAST=upcast, PRECISION=cfg["PRECISION"], ATOMIC=atomic, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
 
     cfg = block_config("keys", block_d, x.element_size())
     key_tiles = triton.cdiv(n_keys, cfg["BLOCK_K"])
     splits, rows_per_split = split_plan(n_rows, cfg["BLOCK_R"], key_tiles * batch * kv_heads, True)
-    grad_y = _buffer(splits, y.shape, y.dtype, y.device, True)
-    grad_v = _buffer(splits, v.shape, v.dtype, v.device, True)
+    atomic = not deterministic and splits > 1
+    grad_y = _buffer(splits, y.shape, y.dtype, y.device, True, atomic)
+    grad_v = _buffer(splits, v.shape, v.dtype, v.device, True, atomic)
     gaussian_attention_bwd_keys_kernel[(key_tiles, splits, batch * kv_heads)](
-        x, y, v, mask, grad_out, grad_y, grad_v, *common, *grad_y.stride(), *grad_v.stride(),
+        x, y, v, mask, grad_out, grad_y, grad_v, *common, *_strides(grad_y), *_strides(grad_v),
         n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
         scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-        UPCAST=upcast, PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=upcast, PRECISION=cfg["PRECISION"], ATOMIC=atomic, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return (_reduce_splits(grad_x, x.dtype, grad_factor), _reduce_splits(grad_y, y.dtype, grad_factor),
             _reduce_splits(grad_v, v_dtype, grad_factor))
 

@@ -15,6 +15,6 @@ def forward(q, k, v, key_mask, scale: float):
     return gaussian_attention_fwd(q, k, v, key_mask, scale, q.dtype)
 
 
-def backward(grad_out, q, k, v, key_mask, scale: float):
-    """(dq, dk, dv)."""
-    return gaussian_attention_bwd(grad_out, q, k, v, key_mask, scale)
+def backward(grad_out, q, k, v, key_mask, scale: float, deterministic: bool = True):
+    """(dq, dk, dv); dk and dv split over the query rows when the key tiles alone are too few programs."""
+    return gaussian_attention_bwd(grad_out, q, k, v, key_mask, scale, deterministic=deterministic)
