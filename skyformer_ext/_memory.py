@@ -4,6 +4,10 @@
 active and still alive, and records the peak of that sum. It sees what ATen allocates (outputs and
 temporaries of every op), which is what "extra memory" means for an attention call; memory allocated
 before the mode was entered (inputs, weights) does not count.
+
+Python custom operators (torch.library.custom_op, e.g. the Triton stages) are entered: their bodies run with
+the mode active, so the buffers they allocate count, not just their outputs. Compiled (C++) operators are
+opaque to a dispatch mode and count by their outputs.
 """
 
 from __future__ import annotations
@@ -46,8 +50,21 @@ class PeakMemory(TorchDispatchMode):
         kwargs = kwargs or {}
         input_storages = {t.untyped_storage().data_ptr()
                           for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
+        body = _custom_op_body(func)
+        if body is None:
+            out = func(*args, **kwargs)
+        else:
+            with self:
+                out = body(*args, **kwargs)
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor):
                 self._track(t, input_storages)
         return out
+
+
+def _custom_op_body(func):
+    """The Python function behind a torch.library.custom_op, or None (ATen and compiled operators)."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(func._schema.name)
+    return None if opdef is None else opdef._init_fn

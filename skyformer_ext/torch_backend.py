@@ -9,9 +9,10 @@ symmetric, every Skyformer stage is an instance of it:
 - query apply   O = kappa(Q, L) Y   = gaussian_attention(Q, L, Y)             (tiles over queries)
 - kernelized attention itself      = gaussian_attention(Q, K, V, key_mask)
 
-Within a tile the exponent scale * (q.k - |q|^2/2 - |k|^2/2) comes out of a single bmm of augmented
-operands log2(e) [q, -scale|q|^2/2, 1] . [scale k, 1, -scale|k|^2/2] (no bias pass over the tile), then exp2_
-runs in place while the tile is in cache (base 2 because ATen's CPU exp2 is ~1.6x faster than exp).
+Within a tile the exponent is built in one piece, log2(e) scale (q.k - |q|^2/2 - |k|^2/2): the two norm
+terms are broadcast into the tile buffer, then one baddbmm_ adds log2(e) scale q.k reading q and k in place
+(no scaled or augmented copies), then exp2_ runs while the tile is in cache (base 2: ATen's CPU exp2 is
+~1.6x faster than exp). Factoring the norms out as exp(q.k) * exp(-|q|^2/2) would overflow for large rows.
 kappa <= 1, so no running max is needed. GQA is handled by stacking the query heads of a group against
 their shared key head (no copies of k or v).
 """
@@ -50,7 +51,7 @@ def _ungrouped(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return t.reshape(batch, heads, grows * bk // (batch * heads), d)
 
 
-# Folded into the query operand so that exp2 of the tile product is kappa.
+# kappa = 2^(LOG2E * exponent): exp2 is the faster primitive.
 LOG2E = 1.4426950408889634
 
 
@@ -65,44 +66,25 @@ def _scratch(buffer: torch.Tensor | None, shape, like: torch.Tensor) -> torch.Te
     return buffer[:numel].view(shape)
 
 
-def _half_squared_norms(x: torch.Tensor, factor: float, out: torch.Tensor) -> None:
-    """out = factor * |x|^2 per row, without an x-sized temporary (vector_norm reduces in one pass).
-
-    In-place writes into views rather than out= arguments: dynamo rejects non-contiguous out= tensors."""
-    out.copy_(torch.linalg.vector_norm(x, dim=-1)).square_().mul_(factor)
+def _norm_bias(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """-log2(e) scale |x|^2 / 2 per row, (bk, r): vector_norm reduces without an x-sized temporary."""
+    return torch.linalg.vector_norm(x, dim=-1).square_().mul_(-0.5 * scale * LOG2E)
 
 
-def _augmented_queries(q: torch.Tensor, scale: float, buffer=None) -> torch.Tensor:
-    """log2(e) [q, -scale/2 |q|^2, 1]: paired with _augmented_keys, one bmm yields the base-2 exponent."""
-    out = _scratch(buffer, (*q.shape[:-1], q.shape[-1] + 2), q)
-    out[..., :-2].copy_(q).mul_(LOG2E)
-    _half_squared_norms(q, -0.5 * scale * LOG2E, out[..., -2])
-    out[..., -1] = LOG2E
-    return out
-
-
-def _augmented_keys(k: torch.Tensor, scale: float, buffer=None) -> torch.Tensor:
-    """[scale k, 1, -scale/2 |k|^2]."""
-    out = _scratch(buffer, (*k.shape[:-1], k.shape[-1] + 2), k)
-    out[..., :-2].copy_(k).mul_(scale)
-    out[..., -2] = 1.0
-    _half_squared_norms(k, -0.5 * scale, out[..., -1])
-    return out
-
-
-def _kernel_tile(q_aug, k_aug, key_keep, buffer=None):
-    """kappa as a (bk, rows, cols) tile: 2^(log2(e) scale (q.k - |q|^2/2 - |k|^2/2)); masked keys -> 0."""
-    out = _scratch(buffer, (q_aug.shape[0], q_aug.shape[1], k_aug.shape[1]), q_aug)
-    tile = torch.bmm(q_aug, k_aug.transpose(1, 2), out=out).exp2_()
+def _kernel_tile(rows, row_bias, cols, col_bias, key_keep, scale: float, buffer=None):
+    """kappa(rows, cols) as a (bk, r, c) tile, 2^(row_bias + col_bias + log2(e) scale rows.cols); masked
+    keys -> 0. ``buffer``: reusable scratch (see _scratch)."""
+    out = _scratch(buffer, (rows.shape[0], rows.shape[1], cols.shape[1]), rows)
+    tile = torch.add(row_bias.unsqueeze(-1), col_bias.unsqueeze(-2), out=out)
+    tile.baddbmm_(rows, cols.transpose(1, 2), alpha=scale * LOG2E).exp2_()
     if key_keep is not None:
         tile.masked_fill_(~key_keep, 0.0)
     return tile
 
 
-def _key_blocks(keys, values, key_mask, cdtype, scale, col_tile, buffer=None):
-    """Yields (start, stop, k, k_aug, v, keep) per key tile, upcast to the compute dtype; padded v rows
-    are zeroed so that NaN/inf there cannot leak into the output. k_aug lives in ``buffer`` when given
-    (then it is valid until the next tile)."""
+def _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+    """Yields (start, stop, k, k_bias, v, keep) per key tile, upcast to the compute dtype; padded v rows
+    are zeroed so that NaN/inf there cannot leak into the output."""
     n_cols = keys.shape[1]
     for start in range(0, n_cols, col_tile):
         stop = min(start + col_tile, n_cols)
@@ -112,7 +94,7 @@ def _key_blocks(keys, values, key_mask, cdtype, scale, col_tile, buffer=None):
         if key_mask is not None:
             keep = key_mask[:, start:stop].unsqueeze(1)
             v = v.masked_fill(~keep.transpose(1, 2), 0.0)
-        yield start, stop, k, _augmented_keys(k, scale, buffer), v, keep
+        yield start, stop, k, _norm_bias(k, scale), v, keep
 
 
 class _GaussianAttention(torch.autograd.Function):
@@ -126,21 +108,20 @@ class _GaussianAttention(torch.autograd.Function):
         out = torch.empty(bk, n_rows, values.shape[-1], dtype=out_dtype, device=queries.device)
         scratch = dict(dtype=cdtype, device=queries.device)
         tile_buffer = torch.empty(bk * row_tile * col_tile, **scratch)
-        query_buffer = torch.empty(bk * row_tile * (queries.shape[-1] + 2), **scratch)
-        key_buffer = torch.empty(bk * col_tile * (keys.shape[-1] + 2), **scratch)
-        # With all keys in one block (the query apply: keys are the m landmarks) it is built once.
+        # With all keys in one block (the query apply: keys are the m landmarks) it is prepared once.
         one_block = None
         if keys.shape[1] <= col_tile:
-            one_block = next(_key_blocks(keys, values, key_mask, cdtype, scale, col_tile, key_buffer), None)
+            one_block = next(_key_blocks(keys, values, key_mask, cdtype, scale, col_tile), None)
         for r0 in range(0, n_rows, row_tile):
-            q_aug = _augmented_queries(queries[:, r0:r0 + row_tile].to(cdtype), scale, query_buffer)
+            q = queries[:, r0:r0 + row_tile].to(cdtype)
+            q_bias = _norm_bias(q, scale)
             if one_block is not None:
-                _, _, _, k_aug, v, keep = one_block
-                out[:, r0:r0 + row_tile] = torch.bmm(_kernel_tile(q_aug, k_aug, keep, tile_buffer), v)
+                _, _, k, k_bias, v, keep = one_block
+                out[:, r0:r0 + row_tile] = torch.bmm(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
                 continue
-            acc = torch.zeros(bk, q_aug.shape[1], values.shape[-1], **scratch)
-            for _, _, _, k_aug, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile, key_buffer):
-                acc.baddbmm_(_kernel_tile(q_aug, k_aug, keep, tile_buffer), v)
+            acc = torch.zeros(bk, q.shape[1], values.shape[-1], **scratch)
+            for _, _, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+                acc.baddbmm_(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
             out[:, r0:r0 + row_tile] = acc
         ctx.save_for_backward(queries, keys, values, key_mask)
         ctx.scale = scale
@@ -158,12 +139,12 @@ class _GaussianAttention(torch.autograd.Function):
         grad_v = torch.zeros(values.shape, dtype=cdtype, device=values.device)
         for r0 in range(0, n_rows, row_tile):
             q = queries[:, r0:r0 + row_tile].to(cdtype)
-            q_aug = _augmented_queries(q, scale)
+            q_bias = _norm_bias(q, scale)
             d_out = grad_out[:, r0:r0 + row_tile].to(cdtype)
             dq = torch.zeros_like(q)
             dq_rowsum = torch.zeros(bk, q.shape[1], 1, dtype=cdtype, device=q.device)
-            for c0, c1, k, k_aug, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
-                kernel = _kernel_tile(q_aug, k_aug, keep)
+            for c0, c1, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+                kernel = _kernel_tile(q, q_bias, k, k_bias, keep, scale)
                 # The column slices of grad_k/grad_v are strided across the batch, where an in-place
                 # baddbmm_ falls back to one matmul per batch entry: multiply batched, then add.
                 grad_v[:, c0:c1] += torch.bmm(kernel.transpose(1, 2), d_out)
