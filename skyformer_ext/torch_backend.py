@@ -66,9 +66,10 @@ def _scratch(buffer: torch.Tensor | None, shape, like: torch.Tensor) -> torch.Te
     return buffer[:numel].view(shape)
 
 
-def _norm_bias(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """-log2(e) scale |x|^2 / 2 per row, (bk, r): vector_norm reduces without an x-sized temporary."""
-    return torch.linalg.vector_norm(x, dim=-1).square_().mul_(-0.5 * scale * LOG2E)
+def _norm_bias(x: torch.Tensor, scale: float, cdtype) -> torch.Tensor:
+    """-log2(e) scale |x|^2 / 2 per row, (bk, r), in the compute dtype. One call for a whole operand: O(rows)
+    memory, one streaming reduction (vector_norm upcasts on the fly: no x-sized temporary)."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=cdtype).square_().mul_(-0.5 * scale * LOG2E)
 
 
 def _kernel_tile(rows, row_bias, cols, col_bias, key_keep, scale: float, buffer=None):
@@ -82,7 +83,7 @@ def _kernel_tile(rows, row_bias, cols, col_bias, key_keep, scale: float, buffer=
     return tile
 
 
-def _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+def _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
     """Yields (start, stop, k, k_bias, v, keep) per key tile, upcast to the compute dtype; padded v rows
     are zeroed so that NaN/inf there cannot leak into the output."""
     n_cols = keys.shape[1]
@@ -94,7 +95,7 @@ def _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
         if key_mask is not None:
             keep = key_mask[:, start:stop].unsqueeze(1)
             v = v.masked_fill(~keep.transpose(1, 2), 0.0)
-        yield start, stop, k, _norm_bias(k, scale), v, keep
+        yield start, stop, k, key_bias[:, start:stop], v, keep
 
 
 class _GaussianAttention(torch.autograd.Function):
@@ -105,22 +106,23 @@ class _GaussianAttention(torch.autograd.Function):
         cdtype = _checks.compute_dtype(queries.dtype)
         bk, n_rows, _ = queries.shape
         row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
+        query_bias, key_bias = _norm_bias(queries, scale, cdtype), _norm_bias(keys, scale, cdtype)
         out = torch.empty(bk, n_rows, values.shape[-1], dtype=out_dtype, device=queries.device)
         scratch = dict(dtype=cdtype, device=queries.device)
         tile_buffer = torch.empty(bk * row_tile * col_tile, **scratch)
         # With all keys in one block (the query apply: keys are the m landmarks) it is prepared once.
         one_block = None
         if keys.shape[1] <= col_tile:
-            one_block = next(_key_blocks(keys, values, key_mask, cdtype, scale, col_tile), None)
+            one_block = next(_key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile), None)
         for r0 in range(0, n_rows, row_tile):
             q = queries[:, r0:r0 + row_tile].to(cdtype)
-            q_bias = _norm_bias(q, scale)
+            q_bias = query_bias[:, r0:r0 + row_tile]
             if one_block is not None:
                 _, _, k, k_bias, v, keep = one_block
                 out[:, r0:r0 + row_tile] = torch.bmm(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
                 continue
             acc = torch.zeros(bk, q.shape[1], values.shape[-1], **scratch)
-            for _, _, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+            for _, _, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
                 acc.baddbmm_(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
             out[:, r0:r0 + row_tile] = acc
         ctx.save_for_backward(queries, keys, values, key_mask)
@@ -134,16 +136,17 @@ class _GaussianAttention(torch.autograd.Function):
         cdtype = _checks.compute_dtype(queries.dtype)
         bk, n_rows, _ = queries.shape
         row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
+        query_bias, key_bias = _norm_bias(queries, scale, cdtype), _norm_bias(keys, scale, cdtype)
         grad_q = torch.empty(queries.shape, dtype=cdtype, device=queries.device)
         grad_k = torch.zeros(keys.shape, dtype=cdtype, device=keys.device)
         grad_v = torch.zeros(values.shape, dtype=cdtype, device=values.device)
         for r0 in range(0, n_rows, row_tile):
             q = queries[:, r0:r0 + row_tile].to(cdtype)
-            q_bias = _norm_bias(q, scale)
+            q_bias = query_bias[:, r0:r0 + row_tile]
             d_out = grad_out[:, r0:r0 + row_tile].to(cdtype)
             dq = torch.zeros_like(q)
             dq_rowsum = torch.zeros(bk, q.shape[1], 1, dtype=cdtype, device=q.device)
-            for c0, c1, k, k_bias, v, keep in _key_blocks(keys, values, key_mask, cdtype, scale, col_tile):
+            for c0, c1, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
                 kernel = _kernel_tile(q, q_bias, k, k_bias, keep, scale)
                 # The column slices of grad_k/grad_v are strided across the batch, where an in-place
                 # baddbmm_ falls back to one matmul per batch entry: multiply batched, then add.
