@@ -47,6 +47,8 @@ class SkyformerAttention(nn.Module):
         ridge, inverse, ns_iters: the landmark solve, see :func:`skyformer_ext.skyformer_attention`.
         scale: the SDPA meaning (multiplies q.k) for all three kernels; default ``head_dim ** -0.5``.
         backend: backend of the Skyformer/Kernelized kernels (``"auto"`` picks the fastest present one).
+        deterministic: ``False`` lets the Triton kernels add split partial sums with atomics (bit-level
+            run-to-run differences, less memory); no effect on the other backends or on softmax.
 
     Mask convention: ``key_padding_mask`` follows :class:`torch.nn.MultiheadAttention`: a bool tensor of
     shape (batch, n_keys) where **True marks a padded key that is ignored**. (The functional API's
@@ -64,7 +66,7 @@ class SkyformerAttention(nn.Module):
                  batch_first: bool = True, head_dim: int | None = None, context_dim: int | None = None,
                  landmarks: str = "random", eval_landmarks: str = "strided", ridge: float = 0.1,
                  inverse: str = "newton_schulz", ns_iters: int = 6, scale: float | None = None,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", deterministic: bool = True, device=None, dtype=None):
         super().__init__()
         _checks.check_positive_int("embed_dim", embed_dim, 1)
         _checks.check_positive_int("num_heads", num_heads, 1)
@@ -89,6 +91,7 @@ class SkyformerAttention(nn.Module):
         _checks.check_choice("inverse", inverse, _checks.INVERSES)
         _checks.check_positive_int("ns_iters", ns_iters, 1)
         _checks.check_scale(scale)
+        _checks.check_bool("deterministic", deterministic)
 
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim, self.context_dim = head_dim, context_dim
@@ -100,6 +103,7 @@ class SkyformerAttention(nn.Module):
         self.ridge, self.inverse, self.ns_iters = float(ridge), inverse, ns_iters
         self.scale = None if scale is None else float(scale)
         self.backend = backend
+        self.deterministic = deterministic
 
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
@@ -192,9 +196,11 @@ class SkyformerAttention(nn.Module):
             return skyformer_attention(q, k, v, num_landmarks=self.num_landmarks, attn_mask=key_keep,
                                        landmarks=strategy, landmark_indices=landmark_indices,
                                        generator=generator, ridge=self.ridge, inverse=self.inverse,
-                                       ns_iters=self.ns_iters, scale=self.scale, backend=self.backend)
+                                       ns_iters=self.ns_iters, scale=self.scale, backend=self.backend,
+                                       deterministic=self.deterministic)
         if self.attention == "kernelized":
-            return kernelized_attention(q, k, v, attn_mask=key_keep, scale=self.scale, backend=self.backend)
+            return kernelized_attention(q, k, v, attn_mask=key_keep, scale=self.scale, backend=self.backend,
+                                        deterministic=self.deterministic)
         return _softmax_attention(q, k, v, key_keep, self.scale)
 
 

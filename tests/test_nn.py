@@ -175,11 +175,29 @@ def test_extra_repr():
     (dict(num_landmarks=1), ValueError, "num_landmarks"),
     (dict(eval_landmarks="fixed"), ValueError, "eval_landmarks"),
     (dict(inverse="lu"), ValueError, "inverse"),
+    (dict(deterministic=0), TypeError, "deterministic"),
 ])
 def test_constructor_errors(kwargs, error, word):
     args = dict(embed_dim=32, num_heads=4) | kwargs
     with pytest.raises(error, match=word):
         SkyformerAttention(args.pop("embed_dim"), args.pop("num_heads"), **args)
+
+
+@pytest.mark.parametrize("attention", ["skyformer", "kernelized"])
+def test_deterministic_reaches_the_functional_call(attention, monkeypatch):
+    import skyformer_ext.nn as module
+
+    seen = {}
+    real = getattr(module, f"{attention}_attention")
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, f"{attention}_attention", recording)
+    layer = SkyformerAttention(32, 4, attention=attention, num_landmarks=8, deterministic=False)
+    layer(torch.randn(2, 11, 32))
+    assert seen["deterministic"] is False
 
 
 def test_forward_errors():
