@@ -82,6 +82,14 @@ def _half_norm_scaled(tile, scale_log2):
 
 
 @triton.jit
+def _load_tile_with_half_norm(base, row0, n_rows, stride_row, stride_col, n_cols, scale_log2,
+                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """(tile, its scaled half row norms): the operand of a kappa tile."""
+    tile = _load_tile(base, row0, n_rows, stride_row, stride_col, n_cols, BLOCK_ROWS, BLOCK_COLS, UPCAST)
+    return tile, _half_norm_scaled(tile, scale_log2)
+
+
+@triton.jit
 def _kappa_tile(a, a_half_norm, b, b_half_norm, scale_log2, PRECISION: tl.constexpr):
     """kappa(a_i, b_j) for a (R, D) and b (C, D) tile: exp2(scale*log2e*(a.b) - norms), clamped to <= 1."""
     dots = tl.dot(a, tl.trans(b), input_precision=PRECISION)
@@ -100,9 +108,61 @@ def _key_keep(mask_base, stride_mask, key0, n_keys, has_mask, BLOCK_KEYS: tl.con
 
 
 @triton.jit
-def _write_tile(pointers, values, inside, ATOMIC: tl.constexpr):
-    """Store a tile, or (ATOMIC, deterministic=False) add it into a zero-initialised float32 buffer that
-    every split shares: order-dependent rounding, but no per-split partial buffer."""
+def _batch_and_heads(pid_bh, heads, group):
+    """(batch, head, kv_head) of a program's batch*heads index, in int64: multiplied by the batch and head
+    strides they would overflow int32 pointer offsets for long sequences."""
+    batch = (pid_bh // heads).to(tl.int64)
+    head = pid_bh % heads
+    kv_head = (head // group).to(tl.int64)
+    return batch, head.to(tl.int64), kv_head
+
+
+@triton.jit
+def _split_range(split, per_split, n):
+    """[start, stop) of the streamed items that one split covers."""
+    start = split * per_split
+    return start, tl.minimum(start + per_split, n)
+
+
+@triton.jit
+def _masked_key_tile(x, x_half, y_base, v_base, mask_base, stride_mask, key0, key_stop, n_keys, sy_r, sy_d,
+                     sv_r, sv_d, dim, dim_v, has_mask, scale_log2, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """(y, kappa(x, y), v) for the key tile at key0 of a row program's key loop: kappa is 0 on keys past
+    key_stop or masked out, and those value rows load as 0 so that NaN/inf stored under padding cannot
+    leak into a sum."""
+    keep = _key_keep(mask_base, stride_mask, key0, key_stop, has_mask, BLOCK_K)
+    y, y_half = _load_tile_with_half_norm(y_base, key0, n_keys, sy_r, sy_d, dim, scale_log2, BLOCK_K, BLOCK_D,
+                                          UPCAST)
+    kappa = tl.where(keep[None, :], _kappa_tile(x, x_half, y, y_half, scale_log2, PRECISION), 0.0)
+    v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
+    return y, kappa, v
+
+
+@triton.jit
+def _accumulate_score_grad(acc, score_sum, d_score, other, PRECISION: tl.constexpr):
+    """Add d_score @ other and the row sums of d_score: the two terms of _kappa_rows_grad."""
+    acc = tl.dot(d_score.to(other.dtype), other, acc, input_precision=PRECISION)
+    return acc, score_sum + tl.sum(d_score, axis=1)
+
+
+@triton.jit
+def _kappa_rows_grad(acc, rows, score_sum, scale):
+    """d/da_i of sum_j dS_ij kappa(a_i, b_j) = scale * (sum_j dS_ij b_j - a_i * sum_j dS_ij)."""
+    return scale * (acc - rows.to(tl.float32) * score_sum[:, None])
+
+
+@triton.jit
+def _write_tile(base, values, row0, n_rows, stride_row, stride_col, n_cols, BLOCK_ROWS: tl.constexpr,
+                BLOCK_COLS: tl.constexpr, ATOMIC: tl.constexpr, col0=0):
+    """Store a tile, cast to base's element type, at rows row0.. and columns col0.. of a strided matrix
+    with n_rows rows and n_cols columns, or (ATOMIC, deterministic=False) add it into a zero-initialised
+    float32 buffer that every split shares: order-dependent rounding, but no per-split partial buffer."""
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
+    cols = col0 + tl.arange(0, BLOCK_COLS)
+    pointers = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
+    values = values.to(base.dtype.element_ty)
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     if ATOMIC:
         tl.atomic_add(pointers, values, mask=inside, sem="relaxed")
     else:
@@ -118,35 +178,24 @@ def gaussian_attention_fwd_kernel(
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    batch = (pid_bh // heads).to(tl.int64)
-    head = pid_bh % heads
-    kv_head = (head // group).to(tl.int64)
-    head = head.to(tl.int64)
+    batch, head, kv_head = _batch_and_heads(pid_bh, heads, group)
     row0 = pid_r * BLOCK_R
-
-    x = _load_tile(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim, BLOCK_R, BLOCK_D, UPCAST)
-    x_half = _half_norm_scaled(x, scale_log2)
+    x, x_half = _load_tile_with_half_norm(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim,
+                                          scale_log2, BLOCK_R, BLOCK_D, UPCAST)
     y_base = Y + batch * sy_b + kv_head * sy_h
     v_base = V + batch * sv_b + kv_head * sv_h
     mask_base = MASK + batch * sm_b
 
     acc = tl.zeros((BLOCK_R, BLOCK_DV), dtype=tl.float32)
-    key_start = split * keys_per_split
-    key_stop = tl.minimum(key_start + keys_per_split, n_keys)
+    key_start, key_stop = _split_range(split, keys_per_split, n_keys)
     for key0 in range(key_start, key_stop, BLOCK_K):
-        keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
-        y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
-        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2, PRECISION)
-        kappa = tl.where(keep[None, :], kappa, 0.0)
-        # Dropped value rows load as 0 so that NaN/inf stored under padding cannot leak into the sum.
-        v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
+        _, kappa, v = _masked_key_tile(x, x_half, y_base, v_base, mask_base, sm_r, key0, key_stop,
+                                       n_keys, sy_r, sy_d, sv_r, sv_d, dim, dim_v, has_mask, scale_log2,
+                                       BLOCK_K, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
         acc = tl.dot(kappa.to(v.dtype), v, acc, input_precision=PRECISION)
 
-    rows = row0 + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_DV)
     out = OUT + split.to(tl.int64) * so_s + batch * so_b + head * so_h
-    _write_tile(out + rows[:, None].to(tl.int64) * so_r + cols[None, :] * so_d, acc.to(OUT.dtype.element_ty),
-                (rows < n_rows)[:, None] & (cols < dim_v)[None, :], ATOMIC)
+    _write_tile(out, acc, row0, n_rows, so_r, so_d, dim_v, BLOCK_R, BLOCK_DV, ATOMIC)
 
 
 @_kernel
@@ -158,14 +207,10 @@ def gaussian_attention_bwd_rows_kernel(
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    batch = (pid_bh // heads).to(tl.int64)
-    head = pid_bh % heads
-    kv_head = (head // group).to(tl.int64)
-    head = head.to(tl.int64)
+    batch, head, kv_head = _batch_and_heads(pid_bh, heads, group)
     row0 = pid_r * BLOCK_R
-
-    x = _load_tile(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim, BLOCK_R, BLOCK_D, UPCAST)
-    x_half = _half_norm_scaled(x, scale_log2)
+    x, x_half = _load_tile_with_half_norm(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim,
+                                          scale_log2, BLOCK_R, BLOCK_D, UPCAST)
     grad_out = _load_tile(GRAD_OUT + batch * sg_b + head * sg_h, row0, n_rows, sg_r, sg_d, dim_v, BLOCK_R,
                           BLOCK_DV, UPCAST)
     y_base = Y + batch * sy_b + kv_head * sy_h
@@ -174,24 +219,17 @@ def gaussian_attention_bwd_rows_kernel(
 
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    key_start = split * keys_per_split
-    key_stop = tl.minimum(key_start + keys_per_split, n_keys)
+    key_start, key_stop = _split_range(split, keys_per_split, n_keys)
     for key0 in range(key_start, key_stop, BLOCK_K):
-        keep = _key_keep(mask_base, sm_r, key0, key_stop, has_mask, BLOCK_K)
-        y = _load_tile(y_base, key0, n_keys, sy_r, sy_d, dim, BLOCK_K, BLOCK_D, UPCAST)
-        kappa = _kappa_tile(x, x_half, y, _half_norm_scaled(y, scale_log2), scale_log2, PRECISION)
-        kappa = tl.where(keep[None, :], kappa, 0.0)
-        v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
+        y, kappa, v = _masked_key_tile(x, x_half, y_base, v_base, mask_base, sm_r, key0, key_stop,
+                                       n_keys, sy_r, sy_d, sv_r, sv_d, dim, dim_v, has_mask, scale_log2,
+                                       BLOCK_K, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
         d_score = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION) * kappa
-        acc = tl.dot(d_score.to(y.dtype), y, acc, input_precision=PRECISION)
-        row_sum += tl.sum(d_score, axis=1)
-    grad_x = scale * (acc - x.to(tl.float32) * row_sum[:, None])
+        acc, row_sum = _accumulate_score_grad(acc, row_sum, d_score, y, PRECISION)
 
-    rows = row0 + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
     out = GRAD_X + split.to(tl.int64) * sdx_s + batch * sdx_b + head * sdx_h
-    _write_tile(out + rows[:, None].to(tl.int64) * sdx_r + cols[None, :] * sdx_d,
-                grad_x.to(GRAD_X.dtype.element_ty), (rows < n_rows)[:, None] & (cols < dim)[None, :], ATOMIC)
+    _write_tile(out, _kappa_rows_grad(acc, x, row_sum, scale), row0, n_rows, sdx_r, sdx_d, dim, BLOCK_R,
+                BLOCK_D, ATOMIC)
 
 
 @_kernel
@@ -204,48 +242,40 @@ def gaussian_attention_bwd_keys_kernel(
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     pid_k, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // kv_heads).to(tl.int64)
-    kv_head = pid_bh % kv_heads
+    kv_head = pid_bh % kv_heads  # int32 here: head indices are formed from it below, then widened
     key0 = pid_k * BLOCK_K
 
     keep = _key_keep(MASK + batch * sm_b, sm_r, key0, n_keys, has_mask, BLOCK_K)
-    y = _load_tile(Y + batch * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r, sy_d, dim, BLOCK_K,
-                   BLOCK_D, UPCAST)
-    y_half = _half_norm_scaled(y, scale_log2)
-    v = _load_tile(V + batch * sv_b + kv_head.to(tl.int64) * sv_h, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K,
-                   BLOCK_DV, UPCAST, keep)
+    y, y_half = _load_tile_with_half_norm(Y + batch * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r, sy_d, dim,
+                                          scale_log2, BLOCK_K, BLOCK_D, UPCAST)
+    v = _load_tile(V + batch * sv_b + kv_head.to(tl.int64) * sv_h, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV,
+                   UPCAST, keep)
 
     acc_y = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     acc_v = tl.zeros((BLOCK_K, BLOCK_DV), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    row_start = split * rows_per_split
-    row_stop = tl.minimum(row_start + rows_per_split, n_rows)
+    row_start, row_stop = _split_range(split, rows_per_split, n_rows)
     for member in range(0, group):
         head = (kv_head * group + member).to(tl.int64)
         x_base = X + batch * sx_b + head * sx_h
         g_base = GRAD_OUT + batch * sg_b + head * sg_h
         for row0 in range(row_start, row_stop, BLOCK_R):
-            x = _load_tile(x_base, row0, row_stop, sx_r, sx_d, dim, BLOCK_R, BLOCK_D, UPCAST)
+            x, x_half = _load_tile_with_half_norm(x_base, row0, row_stop, sx_r, sx_d, dim, scale_log2, BLOCK_R,
+                                                  BLOCK_D, UPCAST)
             grad_out = _load_tile(g_base, row0, row_stop, sg_r, sg_d, dim_v, BLOCK_R, BLOCK_DV, UPCAST)
             # kappa is symmetric: the transposed tile kappa(Y, X) comes straight out of the same helper.
-            kappa_t = _kappa_tile(y, y_half, x, _half_norm_scaled(x, scale_log2), scale_log2, PRECISION)
-            kappa_t = tl.where(keep[:, None], kappa_t, 0.0)
+            kappa_t = tl.where(keep[:, None], _kappa_tile(y, y_half, x, x_half, scale_log2, PRECISION), 0.0)
             acc_v = tl.dot(kappa_t.to(grad_out.dtype), grad_out, acc_v, input_precision=PRECISION)
             d_score_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION) * kappa_t
-            acc_y = tl.dot(d_score_t.to(x.dtype), x, acc_y, input_precision=PRECISION)
-            col_sum += tl.sum(d_score_t, axis=1)
-    grad_y = scale * (acc_y - y.to(tl.float32) * col_sum[:, None])
+            acc_y, col_sum = _accumulate_score_grad(acc_y, col_sum, d_score_t, x, PRECISION)
 
-    keys = key0 + tl.arange(0, BLOCK_K)
-    cols = tl.arange(0, BLOCK_D)
-    cols_v = tl.arange(0, BLOCK_DV)
-    base = split.to(tl.int64)
-    head_kv = kv_head.to(tl.int64)
-    out_y = GRAD_Y + base * sdy_s + batch * sdy_b + head_kv * sdy_h
-    _write_tile(out_y + keys[:, None].to(tl.int64) * sdy_r + cols[None, :] * sdy_d,
-                grad_y.to(GRAD_Y.dtype.element_ty), (keys < n_keys)[:, None] & (cols < dim)[None, :], ATOMIC)
-    out_v = GRAD_V + base * sdv_s + batch * sdv_b + head_kv * sdv_h
-    _write_tile(out_v + keys[:, None].to(tl.int64) * sdv_r + cols_v[None, :] * sdv_d,
-                acc_v.to(GRAD_V.dtype.element_ty), (keys < n_keys)[:, None] & (cols_v < dim_v)[None, :], ATOMIC)
+    split_offset = split.to(tl.int64)
+    kv_head = kv_head.to(tl.int64)
+    _write_tile(GRAD_Y + split_offset * sdy_s + batch * sdy_b + kv_head * sdy_h,
+                _kappa_rows_grad(acc_y, y, col_sum, scale), key0, n_keys, sdy_r, sdy_d, dim, BLOCK_K, BLOCK_D,
+                ATOMIC)
+    _write_tile(GRAD_V + split_offset * sdv_s + batch * sdv_b + kv_head * sdv_h, acc_v, key0, n_keys, sdv_r,
+                sdv_d, dim_v, BLOCK_K, BLOCK_DV, ATOMIC)
 
 
 @_kernel
@@ -253,16 +283,14 @@ def landmark_gram_kernel(L, OUT, sl_b, sl_h, sl_r, sl_d, so_b, so_h, so_r, so_c,
                          BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr):
     pid_i, pid_j, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    base = L + (pid_bh // heads).to(tl.int64) * sl_b + (pid_bh % heads).to(tl.int64) * sl_h
-    a = _load_tile(base, pid_i * BLOCK, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
-    b = _load_tile(base, pid_j * BLOCK, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
-    kappa = _kappa_tile(a, _half_norm_scaled(a, scale_log2), b, _half_norm_scaled(b, scale_log2), scale_log2,
-                        PRECISION)
-    rows = pid_i * BLOCK + tl.arange(0, BLOCK)
-    cols = pid_j * BLOCK + tl.arange(0, BLOCK)
-    out = OUT + (pid_bh // heads).to(tl.int64) * so_b + (pid_bh % heads).to(tl.int64) * so_h
-    tl.store(out + rows[:, None].to(tl.int64) * so_r + cols[None, :] * so_c, kappa,
-             mask=(rows < m)[:, None] & (cols < m)[None, :])
+    batch, head, _ = _batch_and_heads(pid_bh, heads, 1)
+    base = L + batch * sl_b + head * sl_h
+    a, a_half = _load_tile_with_half_norm(base, pid_i * BLOCK, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D,
+                                          UPCAST)
+    b, b_half = _load_tile_with_half_norm(base, pid_j * BLOCK, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D,
+                                          UPCAST)
+    _write_tile(OUT + batch * so_b + head * so_h, _kappa_tile(a, a_half, b, b_half, scale_log2, PRECISION),
+                pid_i * BLOCK, m, so_r, so_c, m, BLOCK, BLOCK, False, pid_j * BLOCK)
 
 
 @_kernel
@@ -272,29 +300,21 @@ def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg
                              PRECISION: tl.constexpr):
     """dL_i = scale * (H L - L * rowsum(H))_i with H = (dM + dM^T) * kappa(L, L), a program per row tile."""
     pid_i, pid_bh = tl.program_id(0), tl.program_id(1)
-    batch = (pid_bh // heads).to(tl.int64)
-    head = (pid_bh % heads).to(tl.int64)
+    batch, head, _ = _batch_and_heads(pid_bh, heads, 1)
     base = L + batch * sl_b + head * sl_h
     grad_base = GRAD_M + batch * sg_b + head * sg_h
     row0 = pid_i * BLOCK
-    a = _load_tile(base, row0, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
-    a_half = _half_norm_scaled(a, scale_log2)
+    a, a_half = _load_tile_with_half_norm(base, row0, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D, UPCAST)
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for col0 in range(0, m, BLOCK):
-        b = _load_tile(base, col0, m, sl_r, sl_d, dim, BLOCK, BLOCK_D, UPCAST)
-        kappa = _kappa_tile(a, a_half, b, _half_norm_scaled(b, scale_log2), scale_log2, PRECISION)
+        b, b_half = _load_tile_with_half_norm(base, col0, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D, UPCAST)
+        kappa = _kappa_tile(a, a_half, b, b_half, scale_log2, PRECISION)
         grad_m = _load_tile(grad_base, row0, m, sg_r, sg_c, m - col0, BLOCK, BLOCK, True, None, col0)
         grad_m_t = _load_tile(grad_base, row0, m, sg_c, sg_r, m - col0, BLOCK, BLOCK, True, None, col0)
-        sym = (grad_m + grad_m_t) * kappa
-        acc = tl.dot(sym.to(b.dtype), b, acc, input_precision=PRECISION)
-        row_sum += tl.sum(sym, axis=1)
-    grad = scale * (acc - a.to(tl.float32) * row_sum[:, None])
-    rows = row0 + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BLOCK_D)
-    out = GRAD_L + batch * sdl_b + head * sdl_h
-    tl.store(out + rows[:, None].to(tl.int64) * sdl_r + cols[None, :] * sdl_d, grad.to(GRAD_L.dtype.element_ty),
-             mask=(rows < m)[:, None] & (cols < dim)[None, :])
+        acc, row_sum = _accumulate_score_grad(acc, row_sum, (grad_m + grad_m_t) * kappa, b, PRECISION)
+    _write_tile(GRAD_L + batch * sdl_b + head * sdl_h, _kappa_rows_grad(acc, a, row_sum, scale), row0, m, sdl_r,
+                sdl_d, dim, BLOCK, BLOCK_D, False)
 
 
 # ---- launch configuration -----------------------------------------------------------------------------
