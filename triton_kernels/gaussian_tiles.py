@@ -125,6 +125,20 @@ def _split_range(split, per_split, n):
 
 
 @triton.jit
+def _row_program_start(X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads,
+                       group, dim, scale_log2, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """What a program of the key-streaming kernels (grid: row tile, split, batch*head) starts from: batch,
+    head, row0, its X tile with half norms, and the bases of its batch's key mask and its kv head's Y, V."""
+    batch, head, kv_head = _batch_and_heads(tl.program_id(2), heads, group)
+    row0 = tl.program_id(0) * BLOCK_R
+    x, x_half = _load_tile_with_half_norm(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim,
+                                          scale_log2, BLOCK_R, BLOCK_D, UPCAST)
+    return (batch, head, row0, x, x_half, Y + batch * sy_b + kv_head * sy_h, V + batch * sv_b + kv_head * sv_h,
+            MASK + batch * sm_b)
+
+
+@triton.jit
 def _masked_key_tile(x, x_half, y_base, v_base, mask_base, stride_mask, key0, key_stop, n_keys, sy_r, sy_d,
                      sv_r, sv_d, dim, dim_v, has_mask, scale_log2, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -177,14 +191,10 @@ def gaussian_attention_fwd_kernel(
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
-    pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    batch, head, kv_head = _batch_and_heads(pid_bh, heads, group)
-    row0 = pid_r * BLOCK_R
-    x, x_half = _load_tile_with_half_norm(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim,
-                                          scale_log2, BLOCK_R, BLOCK_D, UPCAST)
-    y_base = Y + batch * sy_b + kv_head * sy_h
-    v_base = V + batch * sv_b + kv_head * sv_h
-    mask_base = MASK + batch * sm_b
+    batch, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
+        X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads, group, dim,
+        scale_log2, BLOCK_R, BLOCK_D, UPCAST)
+    split = tl.program_id(1)
 
     acc = tl.zeros((BLOCK_R, BLOCK_DV), dtype=tl.float32)
     key_start, key_stop = _split_range(split, keys_per_split, n_keys)
@@ -206,16 +216,12 @@ def gaussian_attention_bwd_rows_kernel(
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
-    pid_r, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    batch, head, kv_head = _batch_and_heads(pid_bh, heads, group)
-    row0 = pid_r * BLOCK_R
-    x, x_half = _load_tile_with_half_norm(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim,
-                                          scale_log2, BLOCK_R, BLOCK_D, UPCAST)
+    batch, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
+        X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads, group, dim,
+        scale_log2, BLOCK_R, BLOCK_D, UPCAST)
+    split = tl.program_id(1)
     grad_out = _load_tile(GRAD_OUT + batch * sg_b + head * sg_h, row0, n_rows, sg_r, sg_d, dim_v, BLOCK_R,
                           BLOCK_DV, UPCAST)
-    y_base = Y + batch * sy_b + kv_head * sy_h
-    v_base = V + batch * sv_b + kv_head * sv_h
-    mask_base = MASK + batch * sm_b
 
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
