@@ -216,10 +216,10 @@ def gaussian_attention_bwd_rows_kernel(
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
+    split = tl.program_id(1)
     batch, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
         X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads, group, dim,
         scale_log2, BLOCK_R, BLOCK_D, UPCAST)
-    split = tl.program_id(1)
     grad_out = _load_tile(GRAD_OUT + batch * sg_b + head * sg_h, row0, n_rows, sg_r, sg_d, dim_v, BLOCK_R,
                           BLOCK_DV, UPCAST)
 
