@@ -174,6 +174,7 @@ def _write_tile(base, values, row0, n_rows, stride_row, stride_col, n_cols, BLOC
     float32 buffer that every split shares: order-dependent rounding, but no per-split partial buffer."""
     rows = row0 + tl.arange(0, BLOCK_ROWS)
     cols = col0 + tl.arange(0, BLOCK_COLS)
+    # Pointers, cast, then bounds: the other order spilled the fp32 head-dim-256 forward on sm_80.
     pointers = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
     values = values.to(base.dtype.element_ty)
     inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
