@@ -19,6 +19,8 @@ their shared key head (no copies of k or v).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks, reference, solve
@@ -55,15 +57,10 @@ def _ungrouped(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
 LOG2E = 1.4426950408889634
 
 
-def _scratch(buffer: torch.Tensor | None, shape, like: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor of ``shape`` on the front of a flat reusable ``buffer`` (fresh when None): tiles
-    written into the same memory stay in cache, and the allocator is not asked for megabytes per tile."""
-    if buffer is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    numel = 1
-    for size in shape:
-        numel *= size
-    return buffer[:numel].view(shape)
+def _scratch(buffer: torch.Tensor, shape) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` on the front of a flat reusable ``buffer``: tiles written into the
+    same memory stay in cache, and the allocator is not asked for megabytes per tile."""
+    return buffer[:math.prod(shape)].view(shape)
 
 
 def _norm_bias(x: torch.Tensor, scale: float, cdtype) -> torch.Tensor:
@@ -72,10 +69,10 @@ def _norm_bias(x: torch.Tensor, scale: float, cdtype) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1, dtype=cdtype).square_().mul_(-0.5 * scale * LOG2E)
 
 
-def _kernel_tile(rows, row_bias, cols, col_bias, key_keep, scale: float, buffer=None):
+def _kernel_tile(rows, row_bias, cols, col_bias, key_keep, scale: float, buffer: torch.Tensor):
     """kappa(rows, cols) as a (bk, r, c) tile, 2^(row_bias + col_bias + log2(e) scale rows.cols); masked
-    keys -> 0. ``buffer``: reusable scratch (see _scratch)."""
-    out = _scratch(buffer, (rows.shape[0], rows.shape[1], cols.shape[1]), rows)
+    keys -> 0. ``buffer``: reusable scratch (see _scratch), valid until the next tile."""
+    out = _scratch(buffer, (rows.shape[0], rows.shape[1], cols.shape[1]))
     tile = torch.add(row_bias.unsqueeze(-1), col_bias.unsqueeze(-2), out=out)
     tile.baddbmm_(rows, cols.transpose(1, 2), alpha=scale * LOG2E).exp2_()
     if key_keep is not None:
@@ -125,18 +122,18 @@ class _GaussianAttention(torch.autograd.Function):
             for _, _, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
                 acc.baddbmm_(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
             out[:, r0:r0 + row_tile] = acc
-        ctx.save_for_backward(queries, keys, values, key_mask)
+        ctx.save_for_backward(queries, keys, values, key_mask, query_bias, key_bias)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        queries, keys, values, key_mask = ctx.saved_tensors
+        queries, keys, values, key_mask, query_bias, key_bias = ctx.saved_tensors
         scale = ctx.scale
         cdtype = _checks.compute_dtype(queries.dtype)
         bk, n_rows, _ = queries.shape
         row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
-        query_bias, key_bias = _norm_bias(queries, scale, cdtype), _norm_bias(keys, scale, cdtype)
+        tile_buffer = torch.empty(bk * row_tile * col_tile, dtype=cdtype, device=queries.device)
         grad_q = torch.empty(queries.shape, dtype=cdtype, device=queries.device)
         grad_k = torch.zeros(keys.shape, dtype=cdtype, device=keys.device)
         grad_v = torch.zeros(values.shape, dtype=cdtype, device=values.device)
@@ -147,7 +144,7 @@ class _GaussianAttention(torch.autograd.Function):
             dq = torch.zeros_like(q)
             dq_rowsum = torch.zeros(bk, q.shape[1], 1, dtype=cdtype, device=q.device)
             for c0, c1, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
-                kernel = _kernel_tile(q, q_bias, k, k_bias, keep, scale)
+                kernel = _kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer)
                 # The column slices of grad_k/grad_v are strided across the batch, where an in-place
                 # baddbmm_ falls back to one matmul per batch entry: multiply batched, then add.
                 grad_v[:, c0:c1] += torch.bmm(kernel.transpose(1, 2), d_out)
