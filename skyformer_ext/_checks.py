@@ -108,6 +108,18 @@ def check_landmark_indices(idx, batch: int, n_total: int, device) -> None:
                          f"got range [{int(idx.min())}, {int(idx.max())}]")
 
 
+def check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic) -> None:
+    """The options skyformer_attention takes beyond its tensors (also checked by nn.SkyformerAttention at
+    construction, so a bad module fails before its first forward)."""
+    check_positive_int("num_landmarks", num_landmarks, 2)
+    check_choice("landmarks", landmarks, STRATEGIES)
+    check_ridge(ridge)
+    check_choice("inverse", inverse, INVERSES)
+    check_positive_int("ns_iters", ns_iters, 1)
+    check_scale(scale)
+    check_bool("deterministic", deterministic)
+
+
 def default_scale(scale, head_dim: int) -> float:
     return float(head_dim) ** -0.5 if scale is None else float(scale)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -64,7 +65,5 @@ class PeakMemory(TorchDispatchMode):
 
 def _custom_op_body(func):
     """The Python function behind a torch.library.custom_op, or None (ATen and compiled operators)."""
-    from torch._library.custom_ops import OPDEFS
-
     opdef = OPDEFS.get(func._schema.name)
     return None if opdef is None else opdef._init_fn

@@ -65,13 +65,7 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     batch, _, n_q, _ = q.shape
     n_k = k.shape[2]
     _checks.check_key_mask(attn_mask, batch, n_k, q.device)
-    _checks.check_positive_int("num_landmarks", num_landmarks, 2)
-    _checks.check_choice("landmarks", landmarks, _checks.STRATEGIES)
-    _checks.check_ridge(ridge)
-    _checks.check_choice("inverse", inverse, _checks.INVERSES)
-    _checks.check_positive_int("ns_iters", ns_iters, 1)
-    _checks.check_scale(scale)
-    _checks.check_bool("deterministic", deterministic)
+    _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     backend = _resolve_backend(backend, q, v)

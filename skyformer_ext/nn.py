@@ -82,16 +82,10 @@ class SkyformerAttention(nn.Module):
         _checks.check_positive_int("head_dim", head_dim, 1)
         context_dim = embed_dim if context_dim is None else context_dim
         _checks.check_positive_int("context_dim", context_dim, 1)
-        _checks.check_positive_int("num_landmarks", num_landmarks, 2)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        _checks.check_choice("landmarks", landmarks, _checks.STRATEGIES)
+        _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic)
         _checks.check_choice("eval_landmarks", eval_landmarks, _checks.STRATEGIES)
-        _checks.check_ridge(ridge)
-        _checks.check_choice("inverse", inverse, _checks.INVERSES)
-        _checks.check_positive_int("ns_iters", ns_iters, 1)
-        _checks.check_scale(scale)
-        _checks.check_bool("deterministic", deterministic)
 
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim, self.context_dim = head_dim, context_dim
