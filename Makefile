@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.package-installed
 PACKAGE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
-.PHONY: install test bench clean
+.PHONY: install test test-slow bench clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(INSTALL_STAMP)
 
 test: $(INSTALL_STAMP)
 	$(PY) -m pytest -q tests
+
+test-slow: $(INSTALL_STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 bench: $(INSTALL_STAMP)
 	$(PY) -m bench

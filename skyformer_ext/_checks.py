@@ -6,10 +6,13 @@ kind of object or dtype, ValueError for a wrong value or shape. Messages name th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INVERSES = ("newton_schulz", "cholesky")
+BACKENDS = ("auto", "triton", "torch", "reference")
 STRATEGIES = ("random", "strided")
 
 
@@ -67,8 +70,8 @@ def check_scale(scale) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive (the Gaussian uses sqrt(scale)), got {scale}")
+    if not (scale > 0 and math.isfinite(scale)):  # inf or NaN would make every output NaN
+        raise ValueError(f"scale must be positive and finite (the Gaussian uses sqrt(scale)), got {scale}")
 
 
 def check_positive_int(name: str, value, minimum: int) -> None:
@@ -86,8 +89,8 @@ def check_bool(name: str, value) -> None:
 def check_ridge(ridge) -> None:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
         raise TypeError(f"ridge must be a float, got {type(ridge).__name__}")
-    if not ridge >= 0:  # also rejects NaN
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not (ridge >= 0 and math.isfinite(ridge)):  # NaN or inf would make every output NaN
+        raise ValueError(f"ridge must be >= 0 and finite, got {ridge}")
 
 
 def check_landmark_indices(idx, batch: int, n_total: int, device) -> None:
@@ -102,15 +105,19 @@ def check_landmark_indices(idx, batch: int, n_total: int, device) -> None:
         raise ValueError(f"landmark_indices must hold at least 2 landmarks per batch row, got {idx.shape[1]}")
     if idx.device != torch.device(device):
         raise ValueError(f"landmark_indices is on {idx.device} but q is on {device}")
-    # The range check reads index values, which torch.compile cannot trace; compiled graphs skip it.
-    if idx.numel() and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= n_total):
+    # The range check reads index values (two host syncs), which neither torch.compile nor a CUDA-graph
+    # capture allows; both skip it.
+    reads_values = not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing())
+    if idx.numel() and reads_values and (int(idx.min()) < 0 or int(idx.max()) >= n_total):
         raise ValueError(f"landmark_indices must lie in [0, n_q + n_k) = [0, {n_total}), "
                          f"got range [{int(idx.min())}, {int(idx.max())}]")
 
 
-def check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic) -> None:
+def check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
+                            backend) -> None:
     """The options skyformer_attention takes beyond its tensors (also checked by nn.SkyformerAttention at
     construction, so a bad module fails before its first forward)."""
+    check_choice("backend", backend, BACKENDS)
     check_positive_int("num_landmarks", num_landmarks, 2)
     check_choice("landmarks", landmarks, STRATEGIES)
     check_ridge(ridge)

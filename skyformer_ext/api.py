@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from . import _checks, reference, torch_backend
-from .landmarks import sample_landmarks
+from ._stages import stage
+from .landmarks import landmark_draws, sample_landmarks
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = _checks.BACKENDS
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
-    """"auto" -> the fused Triton kernels for CUDA tensors they cover (fp16/bf16/fp32, head dims up to 256)
-    when triton imports, else the tiled PyTorch path."""
+def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, num_landmarks: int = 0) -> str:
+    """"auto" -> the fused Triton kernels for CUDA tensors they cover (fp16/bf16/fp32, head dims up to 256,
+    up to 256 landmarks) when triton imports, else the tiled PyTorch path."""
     _checks.check_choice("backend", backend, BACKENDS)
     if backend != "auto":
         return backend
@@ -21,7 +22,7 @@ def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
             from . import triton_backend
         except ImportError:
             return "torch"
-        if triton_backend.supports(q, v):
+        if triton_backend.supports(q, v, num_landmarks):
             return "triton"
     return "torch"
 
@@ -65,24 +66,30 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     batch, _, n_q, _ = q.shape
     n_k = k.shape[2]
     _checks.check_key_mask(attn_mask, batch, n_k, q.device)
-    _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic)
+    _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
+                                    backend)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    backend = _resolve_backend(backend, q, v)
+    if landmark_indices is not None:
+        _checks.check_landmark_indices(landmark_indices, batch, n_q + n_k, q.device)
+    m = num_landmarks if landmark_indices is None else landmark_indices.shape[1]
+    backend = _resolve_backend(backend, q, v, m)
+    scale = _checks.default_scale(scale, q.shape[-1])
+    if backend == "triton":  # samples inside its landmark kernel, from the same draws as sample_landmarks
+        from . import triton_backend
+        draws = None
+        if landmark_indices is None and landmarks == "random":
+            with stage("landmarks"):
+                draws = landmark_draws(batch, num_landmarks, generator, q.device)
+        return triton_backend.skyformer_attention(q, k, v, attn_mask, num_landmarks, landmark_indices, draws,
+                                                  ridge, inverse, ns_iters, scale, deterministic)
     if landmark_indices is None:
         landmark_indices = sample_landmarks(batch, n_q, n_k, num_landmarks, attn_mask=attn_mask,
                                             strategy=landmarks, generator=generator, device=q.device)
-    else:
-        _checks.check_landmark_indices(landmark_indices, batch, n_q + n_k, q.device)
-    scale = _checks.default_scale(scale, q.shape[-1])
 
     if backend == "reference":
         return reference.skyformer_attention(q, k, v, landmark_indices, attn_mask=attn_mask, ridge=ridge,
                                              inverse=inverse, ns_iters=ns_iters, scale=scale)
-    if backend == "triton":
-        from . import triton_backend
-        return triton_backend.skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse,
-                                                  ns_iters, scale, deterministic)
     return torch_backend.skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters,
                                              scale)
 

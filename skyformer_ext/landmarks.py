@@ -56,20 +56,28 @@ def sample_landmarks(batch: int, n_q: int, n_k: int, num_landmarks: int, *, attn
     query_valid = (key_valid if attn_mask is not None and n_q == n_k
                    else torch.ones(batch, n_q, dtype=torch.bool, device=device))
     m_q = num_landmarks // 2 if n_q > 0 else 0
-    m_k = num_landmarks - m_q
+    if strategy == "strided":
+        def grid(count: int) -> torch.Tensor:
+            return ((torch.arange(count, device=device, dtype=torch.float64) + 0.5) / count).expand(batch, count)
 
-    def draws(count: int) -> torch.Tensor:
-        if strategy == "strided":
-            grid = (torch.arange(count, device=device, dtype=torch.float64) + 0.5) / count
-            return grid.expand(batch, count)
-        rand_device = generator.device if generator is not None else device
-        return torch.rand(batch, count, generator=generator, device=rand_device, dtype=torch.float64).to(device)
+        query_draws, key_draws = grid(m_q), grid(num_landmarks - m_q)
+    else:
+        draws = landmark_draws(batch, num_landmarks, generator, device)
+        query_draws, key_draws = draws[:, :m_q], draws[:, m_q:]
 
     parts = []
     if m_q:
-        parts.append(_valid_positions(query_valid, draws(m_q)))
-    parts.append(_valid_positions(key_valid, draws(m_k)) + n_q)
+        parts.append(_valid_positions(query_valid, query_draws))
+    parts.append(_valid_positions(key_valid, key_draws) + n_q)
     return torch.cat(parts, dim=1)
+
+
+def landmark_draws(batch: int, num_landmarks: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The uniform draws behind random landmarks: (batch, num_landmarks) float64 in [0, 1), one
+    ``torch.rand`` call (the first num_landmarks // 2 columns pick query rows when there are queries, the
+    rest key rows). The Triton path maps the same draws to the same indices inside its landmark kernel."""
+    rand_device = generator.device if generator is not None else device
+    return torch.rand(batch, num_landmarks, generator=generator, device=rand_device, dtype=torch.float64).to(device)
 
 
 def gather_landmarks(q: torch.Tensor, k: torch.Tensor, landmark_indices: torch.Tensor) -> torch.Tensor:

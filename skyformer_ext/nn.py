@@ -84,7 +84,8 @@ class SkyformerAttention(nn.Module):
         _checks.check_positive_int("context_dim", context_dim, 1)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic)
+        _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
+                                        backend)
         _checks.check_choice("eval_landmarks", eval_landmarks, _checks.STRATEGIES)
 
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads

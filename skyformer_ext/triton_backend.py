@@ -1,18 +1,20 @@
 """backend="triton": the fused kernels of triton_kernels/ as torch.library custom ops with autograd.
 
-Each stage is one custom op whose backward is another custom op running the fused backward kernels, so
-torch.compile keeps them as single graph nodes and the whole Skyformer call is one autograd path:
+A Skyformer call is one custom op whose backward is another, so torch.compile keeps each as a single graph
+node and the whole call is one autograd path. The forward launches, in order (stage modules of triton_kernels):
 
-    gather landmarks (tiny, autograd scatters dL into dq, dk) -> skyformer_ext::landmark_gram
-    -> skyformer_ext::key_summary -> solve.landmark_solve (m x m, differentiable) -> skyformer_ext::query_apply
+    [torch.rand: the landmark draws, random landmarks only] -> landmarks (indices + landmark rows)
+    -> key_summary (split partial sums of Z) -> landmark_solve (Gram, partials added on load, solve: Y)
+    -> query_apply (O)
 
-Nothing (n x m) or (n x n) exists, forward or backward: the kernels recompute kappa tiles, and the only extra
-buffers are O(m * p) per head plus bounded per-split partial sums (or, deterministic=False, one atomically
-summed float32 buffer instead of the per-split ones). Runs on CUDA tensors, and on CPU tensors under
-TRITON_INTERPRET=1 (set before this module is first imported; the tests do).
-
-The ops whose kernels (forward or backward) may split a reduction take ``deterministic``: True adds per-split
-partials in a fixed order (bit-identical reruns), False lets the splits tl.atomic_add into one buffer.
+and the backward: query_apply (dq; dL, dY partials) -> landmark_solve (dZ, the Gram term of dL) ->
+key_summary (dL partials; dk, dv) -> landmarks (every dL part added on load and scattered into dq, dk).
+No launch computes anything but these stages (no memsets, no separate reductions, no casts) and nothing
+waits for the GPU: the call can be captured in a CUDA graph. Nothing (n x m) or (n x n) exists, forward or
+backward: the kernels recompute kappa tiles; the extra buffers are O(m * p) per head plus bounded per-split
+partial sums (deterministic=False: one float32 buffer per reduction that the splits add into atomically).
+Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is first
+imported; the tests do).
 """
 
 from __future__ import annotations
@@ -23,18 +25,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from triton_kernels import gram, kernelized, key_summary, query_apply
+from triton_kernels import key_summary, kernelized, landmark_solve, query_apply
+from triton_kernels import landmarks as landmark_stage
 
-from . import solve
-from .landmarks import gather_landmarks
+from ._stages import stage
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # the largest compiled head-dim bucket, every dtype
 
 
-def supports(q: Tensor, v: Tensor) -> bool:
-    """Whether the kernels cover this dtype and these head dims (what "auto" asks before choosing triton)."""
-    return q.dtype in SUPPORTED_DTYPES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+MAX_LANDMARKS = landmark_solve.MAX_LANDMARKS  # the fused solve keeps m x m matrices per program
+
+
+def supports(q: Tensor, v: Tensor, num_landmarks: int = 0) -> bool:
+    """Whether the kernels cover this dtype, these head dims and (Skyformer) this many landmarks: what "auto"
+    asks before choosing triton."""
+    return (q.dtype in SUPPORTED_DTYPES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+            and num_landmarks <= MAX_LANDMARKS)
 
 
 def check_inputs(q: Tensor, v: Tensor) -> None:
@@ -51,36 +58,9 @@ def check_inputs(q: Tensor, v: Tensor) -> None:
                          f"before importing skyformer_ext to run the kernels on CPU in Triton's interpreter)")
 
 
-def _empty_like_shape(t: Tensor, shape, dtype=None) -> Tensor:
-    return t.new_empty(shape, dtype=dtype or t.dtype)
-
-
-# ---- stage 1: landmark Gram ----------------------------------------------------------------------------
-
-@torch.library.custom_op("skyformer_ext::landmark_gram", mutates_args=())
-def landmark_gram(landmarks: Tensor, scale: float) -> Tensor:
-    return gram.forward(landmarks, scale)
-
-
-@landmark_gram.register_fake
-def _(landmarks, scale):
-    b, h, m, _ = landmarks.shape
-    return _empty_like_shape(landmarks, (b, h, m, m), torch.float32)
-
-
-@torch.library.custom_op("skyformer_ext::landmark_gram_backward", mutates_args=())
-def landmark_gram_backward(grad_gram: Tensor, landmarks: Tensor, scale: float) -> Tensor:
-    return gram.backward(grad_gram, landmarks, scale)
-
-
-@landmark_gram_backward.register_fake
-def _(grad_gram, landmarks, scale):
-    return torch.empty_like(landmarks)
-
-
 def _save_inputs_and_options(ctx, inputs, output):
-    """setup_context of every op here: the inputs are (tensors or None..., scale[, deterministic]); the
-    tensors are saved (backward recomputes from them), the trailing Python options kept for the backward op."""
+    """setup_context of the ops here: the inputs are (tensors or None..., options...); the tensors are saved
+    (backward recomputes from them), the trailing Python options kept for the backward op."""
     tensors = [x for x in inputs if x is None or isinstance(x, Tensor)]
     ctx.save_for_backward(*tensors)
     ctx.options = tuple(inputs[len(tensors):])
@@ -90,79 +70,89 @@ def _no_grads(ctx) -> tuple[None, ...]:
     return (None,) * len(ctx.options)
 
 
-def _gram_backward(ctx, grad_gram):
-    (landmarks,) = ctx.saved_tensors
-    return landmark_gram_backward(grad_gram, landmarks, *ctx.options), *_no_grads(ctx)
+# ---- Skyformer: the five stages in one op ---------------------------------------------------------------
+
+@torch.library.custom_op("skyformer_ext::skyformer_attention", mutates_args=())
+def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                           landmark_indices: Optional[Tensor], landmark_draws: Optional[Tensor],
+                           num_landmarks: int, scale: float, ridge: float, inverse: str, ns_iters: int,
+                           deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, landmark rows, landmark indices, Z, Y): the output and what the backward needs. Landmarks come
+    from landmark_indices when given, else from landmark_draws (random), else the strided grid."""
+    with stage("landmarks"):
+        landmarks, indices = landmark_stage.forward(q, k, key_mask, num_landmarks, landmark_indices,
+                                                    landmark_draws)
+    with stage("key_summary"):
+        summary_partials = key_summary.forward(k, v, landmarks, key_mask, scale, deterministic)
+    with stage("landmark_solve"):
+        if inverse == "cholesky":
+            # A matrix that stays not positive definite after jitter gets NaN values (its status is not read
+            # back: no host sync); see README "Behaviour at the edges".
+            values, summary, _ = landmark_solve.cholesky_forward(landmarks, summary_partials, scale, ridge,
+                                                                 q.dtype)
+        else:
+            values, summary = landmark_solve.solve_forward(landmarks, summary_partials, scale, ridge, ns_iters,
+                                                           q.dtype)
+    with stage("query_apply"):
+        out = query_apply.forward(q, landmarks, values, scale)
+    return out, landmarks, indices, summary, values
 
 
-landmark_gram.register_autograd(_gram_backward, setup_context=_save_inputs_and_options)
+@skyformer_attention_op.register_fake
+def _(q, k, v, key_mask, landmark_indices, landmark_draws, num_landmarks, scale, ridge, inverse, ns_iters,
+      deterministic):
+    batch, heads, n_q, _ = q.shape
+    head_rows = (batch, heads, num_landmarks)
+    return (q.new_empty(batch, heads, n_q, v.shape[3]), q.new_empty(*head_rows, q.shape[3]),
+            q.new_empty(batch, num_landmarks, dtype=torch.int64),
+            q.new_empty(*head_rows, v.shape[3], dtype=torch.float32), q.new_empty(*head_rows, v.shape[3]))
 
 
-# ---- stage 2: key summary ------------------------------------------------------------------------------
-
-@torch.library.custom_op("skyformer_ext::key_summary", mutates_args=())
-def key_summary_op(k: Tensor, v: Tensor, landmarks: Tensor, key_mask: Optional[Tensor], scale: float,
-                   deterministic: bool) -> Tensor:
-    return key_summary.forward(k, v, landmarks, key_mask, scale, deterministic)
-
-
-@key_summary_op.register_fake
-def _(k, v, landmarks, key_mask, scale, deterministic):
-    return _empty_like_shape(landmarks, (*landmarks.shape[:3], v.shape[3]), torch.float32)
-
-
-@torch.library.custom_op("skyformer_ext::key_summary_backward", mutates_args=())
-def key_summary_backward(grad_summary: Tensor, k: Tensor, v: Tensor, landmarks: Tensor,
-                         key_mask: Optional[Tensor], scale: float,
-                         deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return key_summary.backward(grad_summary, k, v, landmarks, key_mask, scale, deterministic)
-
-
-@key_summary_backward.register_fake
-def _(grad_summary, k, v, landmarks, key_mask, scale, deterministic):
-    return torch.empty_like(k), torch.empty_like(v), torch.empty_like(landmarks)
-
-
-def _summary_backward(ctx, grad_summary):
-    k, v, landmarks, key_mask = ctx.saved_tensors
-    grads = key_summary_backward(grad_summary, k, v, landmarks, key_mask, *ctx.options)
-    return *grads, None, *_no_grads(ctx)
+@torch.library.custom_op("skyformer_ext::skyformer_attention_backward", mutates_args=())
+def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                                 landmarks: Tensor, indices: Tensor, summary: Tensor, values: Tensor,
+                                 scale: float, ridge: float, inverse: str, ns_iters: int,
+                                 deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with stage("query_apply"):
+        grad_q, grad_landmarks_queries, grad_values = query_apply.backward(grad_out, q, landmarks, values,
+                                                                           scale, deterministic)
+    with stage("landmark_solve"):
+        if inverse == "cholesky":
+            grad_summary, grad_summary_factor, grad_landmarks_solve = landmark_solve.cholesky_backward(
+                grad_values, landmarks, summary, scale, ridge, q.dtype)
+        else:
+            grad_summary, grad_summary_factor, grad_landmarks_solve = landmark_solve.solve_backward(
+                grad_values, landmarks, summary, scale, ridge, ns_iters, q.dtype)
+    with stage("key_summary"):
+        grad_k, grad_v, grad_landmarks_keys = key_summary.backward(grad_summary, grad_summary_factor, k, v,
+                                                                   landmarks, key_mask, scale, deterministic)
+    with stage("landmarks"):
+        landmark_stage.backward_into(grad_q, grad_k, indices, grad_landmarks_queries, grad_landmarks_keys,
+                                     grad_landmarks_solve)
+    return grad_q, grad_k, grad_v
 
 
-key_summary_op.register_autograd(_summary_backward, setup_context=_save_inputs_and_options)
+@skyformer_attention_backward.register_fake
+def _(grad_out, q, k, v, key_mask, landmarks, indices, summary, values, scale, ridge, inverse, ns_iters,
+      deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-# ---- stage 3: query apply ------------------------------------------------------------------------------
-
-@torch.library.custom_op("skyformer_ext::query_apply", mutates_args=())
-def query_apply_op(q: Tensor, landmarks: Tensor, landmark_values: Tensor, scale: float,
-                   deterministic: bool) -> Tensor:
-    """deterministic only matters to the backward (dL and dY split over the query rows)."""
-    return query_apply.forward(q, landmarks, landmark_values, scale)
-
-
-@query_apply_op.register_fake
-def _(q, landmarks, landmark_values, scale, deterministic):
-    return _empty_like_shape(q, (*q.shape[:3], landmark_values.shape[3]))
+def _skyformer_setup(ctx, inputs, output):
+    q, k, v, key_mask, _, _, _, scale, ridge, inverse, ns_iters, deterministic = inputs
+    _, landmarks, indices, summary, values = output
+    ctx.save_for_backward(q, k, v, key_mask, landmarks, indices, summary, values)
+    ctx.options = (scale, ridge, inverse, ns_iters, deterministic)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs kept for the backward
 
 
-@torch.library.custom_op("skyformer_ext::query_apply_backward", mutates_args=())
-def query_apply_backward(grad_out: Tensor, q: Tensor, landmarks: Tensor, landmark_values: Tensor,
-                         scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return query_apply.backward(grad_out, q, landmarks, landmark_values, scale, deterministic)
+def _skyformer_backward(ctx, grad_out, *_unused_grads):
+    grads = skyformer_attention_backward(grad_out, *ctx.saved_tensors, *ctx.options)
+    return *grads, *(None,) * 9
 
 
-@query_apply_backward.register_fake
-def _(grad_out, q, landmarks, landmark_values, scale, deterministic):
-    return torch.empty_like(q), torch.empty_like(landmarks), torch.empty_like(landmark_values)
-
-
-def _apply_backward(ctx, grad_out):
-    q, landmarks, landmark_values = ctx.saved_tensors
-    return *query_apply_backward(grad_out, q, landmarks, landmark_values, *ctx.options), *_no_grads(ctx)
-
-
-query_apply_op.register_autograd(_apply_backward, setup_context=_save_inputs_and_options)
+skyformer_attention_op.register_autograd(_skyformer_backward, setup_context=_skyformer_setup)
 
 
 # ---- exact kernelized attention ------------------------------------------------------------------------
@@ -176,7 +166,7 @@ def kernelized_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[
 
 @kernelized_attention_op.register_fake
 def _(q, k, v, key_mask, scale, deterministic):
-    return _empty_like_shape(q, (*q.shape[:3], v.shape[3]))
+    return q.new_empty(*q.shape[:3], v.shape[3])
 
 
 @torch.library.custom_op("skyformer_ext::kernelized_attention_backward", mutates_args=())
@@ -205,12 +195,15 @@ def kernelized_attention(q, k, v, attn_mask, scale: float, deterministic: bool =
     return kernelized_attention_op(q, k, v, attn_mask, scale, deterministic)
 
 
-def skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters, scale,
-                        deterministic: bool = True) -> Tensor:
-    """Landmarks -> Gram -> landmark solve -> key summary -> query apply, all fused but the m x m solve."""
+def skyformer_attention(q, k, v, attn_mask, num_landmarks: int, landmark_indices, landmark_draws, ridge,
+                        inverse, ns_iters, scale, deterministic: bool = True) -> Tensor:
+    """Landmarks -> key summary -> landmark solve -> query apply, every stage one fused kernel."""
     check_inputs(q, v)
-    landmarks = gather_landmarks(q, k, landmark_indices)
-    gram_matrix = landmark_gram(landmarks, scale)
-    summary = key_summary_op(k, v, landmarks, attn_mask, scale, deterministic)
-    landmark_values = solve.landmark_solve(gram_matrix, summary, ridge, inverse, ns_iters)
-    return query_apply_op(q, landmarks, landmark_values, scale, deterministic)
+    if landmark_indices is not None:
+        landmark_indices = landmark_indices.contiguous()  # the kernel reads rows of unit inner stride
+        num_landmarks = landmark_indices.shape[1]
+    if num_landmarks > MAX_LANDMARKS:
+        raise ValueError(f"backend='triton' supports up to {MAX_LANDMARKS} landmarks, got num_landmarks="
+                         f"{num_landmarks}; use backend='torch'")
+    return skyformer_attention_op(q, k, v, attn_mask, landmark_indices, landmark_draws, num_landmarks, scale,
+                                  ridge, inverse, ns_iters, deterministic)[0]

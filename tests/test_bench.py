@@ -212,3 +212,29 @@ def test_backends_are_discovered_and_unsuitable_ones_reported(tmp_path, monkeypa
     rows = {r["method"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["results"]}
     assert rows["skyformer[triton]"]["status"] == "unavailable" and "CUDA" in rows["skyformer[triton]"]["note"]
     assert rows["skyformer[torch]"]["status"] == "ok"
+
+
+def test_gpu_check_brings_everything_back_in_out(tmp_path):
+    """The device machine returns at most 8 files from $OUT, at most 2 folders deep: the script's CPU dry run
+    (install, pytest, launch counts, profile and benchmark skipped, so it takes seconds) leaves its files
+    directly in $OUT, the results folder packed in one tarball."""
+    import os
+    import sys
+    import tarfile
+
+    script = Path(throughput.__file__).parent / "gpu_check.sh"
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_DEVICE="cpu",
+               GPU_CHECK_SKIP="install pytest launches profile benchmark")
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files), files
+    assert {"gpu_check.log", "gpu_check_summary.txt", "versions.txt"} <= {p.name for p in files}
+    assert "versions: ok" in (out / "gpu_check_summary.txt").read_text()
+    (tarball,) = [p for p in files if p.name.endswith(".tar.gz")]
+    device = tarball.name[len("results_"):-len(".tar.gz")]
+    with tarfile.open(tarball) as archive:
+        members = set(archive.getnames())
+    folder = f"gpu_check_{device}"  # the dry run's results folder (bench/results/_scratch/gpu_check_<device>)
+    assert {f"{folder}/versions.txt", f"{folder}/gpu_check.log", f"{folder}/gpu_check_summary.txt"} <= members

@@ -176,6 +176,9 @@ def test_extra_repr():
     (dict(eval_landmarks="fixed"), ValueError, "eval_landmarks"),
     (dict(inverse="lu"), ValueError, "inverse"),
     (dict(deterministic=0), TypeError, "deterministic"),
+    (dict(backend="bogus"), ValueError, "backend"),
+    (dict(scale=float("inf")), ValueError, "scale"),
+    (dict(ridge=float("nan")), ValueError, "ridge"),
 ])
 def test_constructor_errors(kwargs, error, word):
     args = dict(embed_dim=32, num_heads=4) | kwargs

@@ -13,7 +13,9 @@ import torch
 
 import skyformer_ext as sky
 from skyformer_ext import api, reference, triton_backend
-from triton_kernels import gaussian_tiles
+from skyformer_ext.landmarks import gather_landmarks, landmark_draws
+from triton_kernels import gaussian_tiles, key_summary, query_apply
+from triton_kernels import landmarks as landmark_stage
 from conftest import assert_within_low_precision_rule, max_error
 
 FLOAT32_TOL = 2e-5
@@ -129,40 +131,88 @@ def test_skyformer_matches_reference(dtype, batch, heads, kv_heads, n_q, n_k, p,
         (q, k, v), dtype, ("out", "dq", "dk", "dv"))
 
 
+def _power_of_two_split(grad: torch.Tensor, dtype):
+    """(grad / f in dtype, f): the scaled form in which the landmark solve hands dZ to the key summary."""
+    amax = grad.abs().amax((-1, -2)).float()
+    factor = torch.exp2(torch.ceil(torch.log2(amax)))
+    return (grad / factor[..., None, None]).to(dtype), factor
+
+
+def _stage_truths(reference_fn, tensors, grad, dtype):
+    """(float64 truth, same-dtype baseline) of the outputs and input gradients of a reference stage."""
+    truth = _run(reference_fn, [t.double() for t in tensors], grad)
+    return truth, (_run(reference_fn, tensors, grad) if dtype != torch.float32 else truth)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_each_stage_matches_its_reference(dtype):
-    """Gram, key summary and query apply on their own (gradients wrt every input, L included)."""
+def test_key_summary_and_query_apply_stages_match_their_references(dtype):
+    """The two n-sized stages on their own, forward and backward, gradients wrt every input (L included):
+    split partials summed as their consumers do, dZ handed over scaled by per-head powers of two."""
     scale = 0.125
     q, k, v, mask = _inputs(2, 4, 2, 45, 97, 64, 32, dtype, "with_empty_row")
     landmarks = (0.6 * 64 ** -0.25 * torch.randn(2, 4, 24, 64)).to(dtype)
-    landmark_values = torch.randn(2, 4, 24, 32)
-    # The Gram and the key summary come out in float32 (for the solve); gradients in each input's dtype.
-    grad = torch.randn(2, 4, 24, 24, dtype=torch.float64)
-    truth = _run(lambda l: reference.landmark_gram(l, scale), [landmarks.double()], grad)
-    got = _run(lambda l: triton_backend.landmark_gram(l, scale), [landmarks], grad)
-    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
-    base = _run(lambda l: reference.landmark_gram(l, scale), [landmarks], grad) if dtype != torch.float32 else truth
-    for g, t, b, name in zip(got, truth, base, ("gram", "dL")):
-        _check_close(g, t, b, dtype, name)
 
-    grad = torch.randn(2, 4, 24, 32, dtype=torch.float64)
-    fused = lambda k, v, l: triton_backend.key_summary_op(k, v, l, mask, scale, True)  # noqa: E731
-    plain = lambda k, v, l: reference.key_summary(k, v, l, mask, scale)  # noqa: E731
-    truth = _run(plain, [k.double(), v.double(), landmarks.double()], grad)
-    got = _run(fused, [k, v, landmarks], grad)
-    assert got[0].dtype == torch.float32 and [g.dtype for g in got[1:]] == [dtype] * 3
-    base = _run(plain, [k, v, landmarks], grad) if dtype != torch.float32 else truth
+    grad_scaled, factor = _power_of_two_split(300 * torch.randn(2, 4, 24, 32, dtype=torch.float64), dtype)
+    grad = grad_scaled.double() * factor.double()[..., None, None]  # exactly the gradient the kernels see
+    truth, base = _stage_truths(lambda k, v, l: reference.key_summary(k, v, l, mask, scale), [k, v, landmarks],
+                                grad, dtype)
+    partials = key_summary.forward(k, v, landmarks, mask, scale)
+    grad_k, grad_v, grad_l = key_summary.backward(grad_scaled, factor, k, v, landmarks, mask, scale)
+    assert partials.dtype == grad_l.dtype == torch.float32 and grad_k.dtype == grad_v.dtype == dtype
+    got = [partials.sum(0), grad_k, grad_v, grad_l.sum(0)]
     for g, t, b, name in zip(got, truth, base, ("summary", "dk", "dv", "dL")):
         _check_close(g, t, b, dtype, name)
 
+    values = torch.randn(2, 4, 24, 32).to(dtype)
     grad = torch.randn(2, 4, 45, 32, dtype=torch.float64)
-    fused = lambda q, l, y: triton_backend.query_apply_op(q, l, y, scale, True)  # noqa: E731
-    plain = lambda q, l, y: reference.query_apply(q, l, y.to(q.dtype), scale)  # noqa: E731
-    truth = _run(plain, [q.double(), landmarks.double(), landmark_values.double()], grad)
-    got = _run(fused, [q, landmarks, landmark_values], grad)
-    base = _run(plain, [q, landmarks, landmark_values], grad) if dtype != torch.float32 else truth
-    for g, t, b, name in zip(got, truth, base, ("out", "dq", "dL", "dY")):
+    truth, base = _stage_truths(lambda q, l, y: reference.query_apply(q, l, y, scale), [q, landmarks, values],
+                                grad, dtype)
+    out = query_apply.forward(q, landmarks, values, scale)
+    grad_q, grad_l, grad_y = query_apply.backward(grad.to(dtype), q, landmarks, values, scale)
+    assert out.dtype == grad_q.dtype == dtype and grad_l.dtype == grad_y.dtype == torch.float32
+    for g, t, b, name in zip([out, grad_q, grad_l.sum(0), grad_y.sum(0)], truth, base, ("out", "dq", "dL", "dY")):
         _check_close(g, t, b, dtype, name)
+
+
+# (batch, heads, kv_heads, n_q, n_k, m, p, mask, strategy): self- and cross-attention, GQA, m > n, no queries
+LANDMARK_CASES = [
+    (2, 4, 2, 97, 97, 16, 80, "random", "random"),
+    (2, 2, 1, 33, 61, 33, 19, "random", "random"),
+    (3, 2, 2, 40, 40, 8, 16, "with_empty_row", "strided"),
+    (2, 2, 2, 10, 10, 50, 16, "with_empty_row", "random"),
+    (1, 2, 1, 0, 17, 5, 16, "none", "random"),
+    (2, 1, 1, 7, 300, 12, 16, "random", "strided"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,m,p,mask_kind,strategy", LANDMARK_CASES)
+def test_landmark_stage_matches_sample_and_gather(batch, heads, kv_heads, n_q, n_k, m, p, mask_kind, strategy,
+                                                  dtype):
+    """Forward: the kernel turns the draws of one generator state (or the strided grid, or given indices)
+    into exactly sample_landmarks' indices and gathers gather_landmarks' rows. Backward: the three dL parts
+    (split partials included) land in dq / dk like gather_landmarks' autograd scatter-add."""
+    q, k, _, mask = _inputs(batch, heads, kv_heads, n_q, n_k, p, p, dtype, mask_kind)
+    expected = sky.sample_landmarks(batch, n_q, n_k, m, attn_mask=mask, strategy=strategy,
+                                    generator=torch.Generator().manual_seed(7))
+    draws = landmark_draws(batch, m, torch.Generator().manual_seed(7), "cpu") if strategy == "random" else None
+    for given, chosen_draws in ((None, draws), (expected, None)):
+        rows, indices = landmark_stage.forward(q, k, mask, m, given, chosen_draws)
+        assert torch.equal(indices, expected)
+        assert torch.equal(rows, gather_landmarks(q, k, expected))
+
+    parts = [torch.randn(2, batch, heads, m, p), torch.randn(3, batch, heads, m, p), torch.randn(batch, heads, m, p)]
+    grad_q, grad_k = torch.randn_like(q, dtype=torch.float32), torch.randn_like(k, dtype=torch.float32)
+    leaves = [q.double().requires_grad_(), k.double().requires_grad_()]
+    gather_landmarks(*leaves, expected).backward(parts[0].sum(0) + parts[1].sum(0) + parts[2])
+    scattered = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]  # no queries: no q grad
+    truth = [grad_q.double() + scattered[0], grad_k.double() + scattered[1]]
+    grad_q, grad_k = grad_q.to(dtype), grad_k.to(dtype)
+    base = [grad_q.double() + scattered[0], grad_k.double() + scattered[1]]
+    landmark_stage.backward_into(grad_q, grad_k, indices, *parts)
+    for got, t, b, name in zip((grad_q, grad_k), truth, base, ("dq", "dk")):
+        tolerance = 1e-5 if dtype == torch.float32 else 2 * max_error(b.to(dtype), t) + 1e-6
+        assert max_error(got, t) <= tolerance * (1 + max_error(t, torch.zeros_like(t))), name
 
 
 @pytest.fixture
@@ -235,18 +285,20 @@ def test_same_input_gives_bit_identical_outputs_and_gradients():
 def test_custom_ops_pass_opcheck():
     scale = 0.25
     q, k, v, mask = _inputs(1, 2, 1, 19, 23, 16, 16, torch.float32, "random")
-    landmarks = q[:, :, :5].clone()
-    values = torch.randn(1, 2, 5, 16)
-    cases = [(torch.ops.skyformer_ext.landmark_gram, (landmarks, scale))]
+    indices = sky.sample_landmarks(1, 19, 23, 5, attn_mask=mask)
+    draws = landmark_draws(1, 5, None, "cpu")
+    cases = []
     for deterministic in (True, False):
         cases += [
             (torch.ops.skyformer_ext.kernelized_attention, (q, k, v, mask, scale, deterministic)),
-            (torch.ops.skyformer_ext.key_summary, (k, v, landmarks, mask, scale, deterministic)),
-            (torch.ops.skyformer_ext.query_apply, (q, landmarks, values, scale, deterministic)),
+            (torch.ops.skyformer_ext.skyformer_attention,
+             (q, k, v, mask, indices, None, 5, scale, 0.1, "newton_schulz", 6, deterministic)),
+            (torch.ops.skyformer_ext.skyformer_attention,
+             (q, k, v, mask, None, draws, 5, scale, 0.1, "newton_schulz", 3, deterministic)),
         ]
     for op, args in cases:
-        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in args)
+        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     and a.dtype != torch.float64 else a for a in args)
         torch.library.opcheck(op, args)
 
 
@@ -257,7 +309,7 @@ def test_torch_compile_keeps_the_fused_ops_in_one_graph():
     # The backend entry points, past api.py's argument checks (check_landmark_indices reads index values,
     # a data-dependent guard that torch.compile cannot trace).
     def both(q, k, v):
-        return (triton_backend.skyformer_attention(q, k, v, idx, mask, 0.1, "newton_schulz", 6, 0.25)
+        return (triton_backend.skyformer_attention(q, k, v, mask, 4, idx, None, 0.1, "newton_schulz", 6, 0.25)
                 + triton_backend.kernelized_attention(q, k, v, mask, 0.25))
 
     compiled = torch.compile(both, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises

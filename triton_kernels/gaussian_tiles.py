@@ -15,7 +15,6 @@ Kernels (one body each for every dtype and stage):
   a program per row tile streams key tiles (the same split as the forward).
 - ``gaussian_attention_bwd_keys_kernel``: dY = scale * (dS^T X - Y * colsum(dS)) and dV = kappa^T dO; a
   program per key tile streams the row tiles of its split, for every query head of its GQA group.
-- ``landmark_gram_kernel``: stores kappa(L_i tile, L_j tile) in float32.
 
 Splits: when (row tiles x heads) alone cannot fill the GPU (the key summary has only m rows), the streamed
 axis is cut into ``splits`` contiguous ranges. By default each program writes a float32 partial sum to its
@@ -209,14 +208,22 @@ def gaussian_attention_fwd_kernel(
     _write_tile(out, acc, row0, n_rows, so_r, so_d, dim_v, BLOCK_R, BLOCK_DV, ATOMIC)
 
 
+@triton.jit
+def _grad_factor(GRAD_FACTOR, index, SCALED_GRAD: tl.constexpr):
+    """The power of two the output gradient of (batch*heads) index was divided by (1 when not SCALED_GRAD)."""
+    if SCALED_GRAD:
+        return tl.load(GRAD_FACTOR + index)
+    return 1.0
+
+
 @_kernel
 def gaussian_attention_bwd_rows_kernel(
-        X, Y, V, MASK, GRAD_OUT, GRAD_X,
+        X, Y, V, MASK, GRAD_OUT, GRAD_FACTOR, GRAD_X,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdx_s, sdx_b, sdx_h, sdx_r, sdx_d,
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr, SCALED_GRAD: tl.constexpr):
     split = tl.program_id(1)
     batch, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
         X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads, group, dim,
@@ -235,18 +242,18 @@ def gaussian_attention_bwd_rows_kernel(
         acc, row_sum = _accumulate_score_grad(acc, row_sum, d_score, y, PRECISION)
 
     out = GRAD_X + split.to(tl.int64) * sdx_s + batch * sdx_b + head * sdx_h
-    _write_tile(out, _kappa_rows_grad(acc, x, row_sum, scale), row0, n_rows, sdx_r, sdx_d, dim, BLOCK_R,
-                BLOCK_D, ATOMIC)
+    grad_x = _kappa_rows_grad(acc, x, row_sum, scale) * _grad_factor(GRAD_FACTOR, tl.program_id(2), SCALED_GRAD)
+    _write_tile(out, grad_x, row0, n_rows, sdx_r, sdx_d, dim, BLOCK_R, BLOCK_D, ATOMIC)
 
 
 @_kernel
 def gaussian_attention_bwd_keys_kernel(
-        X, Y, V, MASK, GRAD_OUT, GRAD_Y, GRAD_V,
+        X, Y, V, MASK, GRAD_OUT, GRAD_FACTOR, GRAD_Y, GRAD_V,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdy_s, sdy_b, sdy_h, sdy_r, sdy_d, sdv_s, sdv_b, sdv_h, sdv_r, sdv_d,
         n_rows, n_keys, kv_heads, group, rows_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr, SCALED_GRAD: tl.constexpr):
     pid_k, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // kv_heads).to(tl.int64)
     kv_head = pid_bh % kv_heads  # int32 here: head indices are formed from it below, then widened
@@ -262,14 +269,23 @@ def gaussian_attention_bwd_keys_kernel(
     acc_v = tl.zeros((BLOCK_K, BLOCK_DV), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
     row_start, row_stop = _split_range(split, rows_per_split, n_rows)
+    # Scaled output gradients (the key summary's dZ / f_h, one power of two per head): the group's members
+    # are brought to their largest factor, exactly, so that one accumulator serves them all.
+    group_factor = _grad_factor(GRAD_FACTOR, pid_bh * group, SCALED_GRAD)
+    if SCALED_GRAD:
+        for member in range(1, group):
+            group_factor = tl.maximum(group_factor, tl.load(GRAD_FACTOR + pid_bh * group + member))
     for member in range(0, group):
         head = (kv_head * group + member).to(tl.int64)
         x_base = X + batch * sx_b + head * sx_h
         g_base = GRAD_OUT + batch * sg_b + head * sg_h
+        member_scale = _grad_factor(GRAD_FACTOR, pid_bh * group + member, SCALED_GRAD) / group_factor
         for row0 in range(row_start, row_stop, BLOCK_R):
             x, x_half = _load_tile_with_half_norm(x_base, row0, row_stop, sx_r, sx_d, dim, scale_log2, BLOCK_R,
                                                   BLOCK_D, UPCAST)
             grad_out = _load_tile(g_base, row0, row_stop, sg_r, sg_d, dim_v, BLOCK_R, BLOCK_DV, UPCAST)
+            if SCALED_GRAD:
+                grad_out = (grad_out.to(tl.float32) * member_scale).to(grad_out.dtype)
             # kappa is symmetric: the transposed tile kappa(Y, X) comes straight out of the same helper.
             kappa_t = tl.where(keep[:, None], _kappa_tile(y, y_half, x, x_half, scale_log2, PRECISION), 0.0)
             acc_v = tl.dot(kappa_t.to(grad_out.dtype), grad_out, acc_v, input_precision=PRECISION)
@@ -279,49 +295,10 @@ def gaussian_attention_bwd_keys_kernel(
     split_offset = split.to(tl.int64)
     kv_head = kv_head.to(tl.int64)
     _write_tile(GRAD_Y + split_offset * sdy_s + batch * sdy_b + kv_head * sdy_h,
-                _kappa_rows_grad(acc_y, y, col_sum, scale), key0, n_keys, sdy_r, sdy_d, dim, BLOCK_K, BLOCK_D,
-                ATOMIC)
-    _write_tile(GRAD_V + split_offset * sdv_s + batch * sdv_b + kv_head * sdv_h, acc_v, key0, n_keys, sdv_r,
-                sdv_d, dim_v, BLOCK_K, BLOCK_DV, ATOMIC)
-
-
-@_kernel
-def landmark_gram_kernel(L, OUT, sl_b, sl_h, sl_r, sl_d, so_b, so_h, so_r, so_c, m, heads, dim, scale_log2,
-                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    pid_i, pid_j, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    batch, head, _ = _batch_and_heads(pid_bh, heads, 1)
-    base = L + batch * sl_b + head * sl_h
-    a, a_half = _load_tile_with_half_norm(base, pid_i * BLOCK, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D,
-                                          UPCAST)
-    b, b_half = _load_tile_with_half_norm(base, pid_j * BLOCK, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D,
-                                          UPCAST)
-    _write_tile(OUT + batch * so_b + head * so_h, _kappa_tile(a, a_half, b, b_half, scale_log2, PRECISION),
-                pid_i * BLOCK, m, so_r, so_c, m, BLOCK, BLOCK, False, pid_j * BLOCK)
-
-
-@_kernel
-def landmark_gram_bwd_kernel(L, GRAD_M, GRAD_L, sl_b, sl_h, sl_r, sl_d, sg_b, sg_h, sg_r, sg_c,
-                             sdl_b, sdl_h, sdl_r, sdl_d, m, heads, dim, scale, scale_log2,
-                             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                             PRECISION: tl.constexpr):
-    """dL_i = scale * (H L - L * rowsum(H))_i with H = (dM + dM^T) * kappa(L, L), a program per row tile."""
-    pid_i, pid_bh = tl.program_id(0), tl.program_id(1)
-    batch, head, _ = _batch_and_heads(pid_bh, heads, 1)
-    base = L + batch * sl_b + head * sl_h
-    grad_base = GRAD_M + batch * sg_b + head * sg_h
-    row0 = pid_i * BLOCK
-    a, a_half = _load_tile_with_half_norm(base, row0, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D, UPCAST)
-    acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-    for col0 in range(0, m, BLOCK):
-        b, b_half = _load_tile_with_half_norm(base, col0, m, sl_r, sl_d, dim, scale_log2, BLOCK, BLOCK_D, UPCAST)
-        kappa = _kappa_tile(a, a_half, b, b_half, scale_log2, PRECISION)
-        grad_m = _load_tile(grad_base, row0, m, sg_r, sg_c, m - col0, BLOCK, BLOCK, True, None, col0)
-        grad_m_t = _load_tile(grad_base, row0, m, sg_c, sg_r, m - col0, BLOCK, BLOCK, True, None, col0)
-        acc, row_sum = _accumulate_score_grad(acc, row_sum, (grad_m + grad_m_t) * kappa, b, PRECISION)
-    _write_tile(GRAD_L + batch * sdl_b + head * sdl_h, _kappa_rows_grad(acc, a, row_sum, scale), row0, m, sdl_r,
-                sdl_d, dim, BLOCK, BLOCK_D, False)
+                _kappa_rows_grad(acc_y, y, col_sum, scale) * group_factor, key0, n_keys, sdy_r, sdy_d, dim,
+                BLOCK_K, BLOCK_D, ATOMIC)
+    _write_tile(GRAD_V + split_offset * sdv_s + batch * sdv_b + kv_head * sdv_h, acc_v * group_factor, key0,
+                n_keys, sdv_r, sdv_d, dim_v, BLOCK_K, BLOCK_DV, ATOMIC)
 
 
 # ---- launch configuration -----------------------------------------------------------------------------
@@ -342,36 +319,48 @@ def _config(block_r, block_k, num_warps, num_stages, precision="tf32x3"):
     return dict(BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, PRECISION=precision)
 
 
-# role -> {(input element bytes, head-dim bucket): config}; sizes chosen so that nothing spills on sm_80/sm_90
-# (python -m triton_kernels.compile_check proves it). BLOCK_R tiles the rows of X (queries / landmarks),
-# BLOCK_K the rows of Y (keys / landmarks). "ieee" where float32's tf32x3 would spill: at float32 head dim
-# 256 only 16 x 16 ieee tiles fit, and only with 2-3 stages (one stage spills in the backward kernels).
+# role -> {(input element bytes, head-dim bucket): candidates}, the default first (the only one under the
+# interpreter); on a GPU the autotuner picks among them. Sizes chosen so that nothing spills on sm_80/sm_90
+# (python -m triton_kernels.compile_check compiles every candidate). BLOCK_R tiles the rows of X (queries /
+# landmarks), BLOCK_K the rows of Y (keys / landmarks). Rules: a candidate's streamed block (BLOCK_K for fwd
+# and rows, BLOCK_R for keys) is at most the default's, so the split plan stays today's (plan_blocks), and all
+# candidates share the default's PRECISION: the pick changes speed, never the numerics of the dots. "ieee"
+# where float32's tf32x3 would spill: at float32 head dim 256 only 16 x 16 ieee tiles fit, and only with 2-3
+# stages (one stage spills in the backward kernels). The key summary's scaled-gradient variant of the key
+# kernel is the tightest elsewhere (own entries at head dims 16 and 32; one stage for 2-byte inputs at 64),
+# and float32 rows at 128 need ieee.
 _CONFIGS = {
-    "fwd": {(2, 64): _config(64, 64, 4, 2), (2, 128): _config(64, 32, 4, 2), (2, 256): _config(64, 32, 8, 1),
-            (4, 64): _config(64, 32, 4, 2), (4, 128): _config(32, 32, 8, 1),
-            (4, 256): _config(16, 16, 8, 2, "ieee")},
-    "rows": {(2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1), (2, 256): _config(32, 16, 8, 1),
-             (4, 64): _config(32, 16, 4, 2, "ieee"), (4, 128): _config(16, 16, 8, 1),
-             (4, 256): _config(16, 16, 4, 2, "ieee")},
-    "keys": {(2, 32): _config(32, 32, 4, 1), (2, 64): _config(32, 32, 4, 2), (2, 128): _config(32, 32, 8, 1),
-             (2, 256): _config(16, 32, 8, 1), (4, 64): _config(16, 32, 8, 2), (4, 128): _config(16, 16, 8, 1),
-             (4, 256): _config(16, 16, 8, 3, "ieee")},
+    "fwd": {(2, 64): [_config(64, 64, 4, 2), _config(64, 32, 4, 3), _config(64, 64, 4, 3)],
+            (2, 128): [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(32, 32, 4, 2)],
+            (2, 256): [_config(64, 32, 8, 1), _config(32, 32, 4, 2), _config(64, 32, 8, 2)],
+            (4, 64): [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(32, 32, 4, 2)],
+            (4, 128): [_config(32, 32, 8, 1), _config(32, 32, 8, 2), _config(32, 16, 4, 2)],
+            (4, 256): [_config(16, 16, 8, 2, "ieee"), _config(32, 16, 8, 2, "ieee"), _config(16, 16, 8, 3, "ieee")]},
+    "rows": {(2, 64): [_config(32, 32, 4, 2), _config(64, 32, 4, 2), _config(32, 32, 4, 3)],
+             (2, 128): [_config(32, 32, 8, 1), _config(64, 32, 8, 1), _config(64, 16, 8, 2)],
+             (2, 256): [_config(32, 16, 8, 1), _config(16, 16, 4, 2)],
+             (4, 64): [_config(32, 16, 4, 2, "ieee"), _config(32, 16, 4, 3, "ieee"), _config(16, 16, 4, 2, "ieee")],
+             (4, 128): [_config(16, 16, 4, 2, "ieee"), _config(32, 16, 4, 2, "ieee"), _config(16, 16, 8, 1, "ieee")],
+             (4, 256): [_config(16, 16, 4, 2, "ieee"), _config(16, 16, 4, 3, "ieee")]},
+    "keys": {(2, 16): [_config(32, 32, 4, 2), _config(32, 64, 4, 2), _config(16, 32, 4, 2)],
+             (2, 32): [_config(32, 32, 4, 1), _config(32, 64, 4, 2), _config(16, 64, 4, 2)],
+             (2, 64): [_config(32, 32, 4, 1), _config(16, 64, 8, 2), _config(16, 32, 4, 1)],
+             (2, 128): [_config(32, 32, 8, 1), _config(16, 32, 8, 1), _config(32, 64, 8, 1)],
+             (2, 256): [_config(16, 32, 8, 1), _config(16, 16, 4, 2), _config(16, 32, 8, 2)],
+             (4, 16): [_config(16, 32, 8, 2), _config(16, 32, 4, 2), _config(16, 16, 4, 2)],
+             (4, 32): [_config(16, 16, 4, 2), _config(16, 16, 4, 1)],
+             (4, 64): [_config(16, 32, 8, 2), _config(16, 32, 8, 1)],
+             (4, 128): [_config(16, 16, 8, 1), _config(16, 16, 8, 2)],
+             (4, 256): [_config(16, 16, 8, 3, "ieee")]},
 }
 
 
-def block_config(role: str, block_d: int, elem_bytes: int) -> dict:
-    """Tile sizes, warps, stages and float32 dot precision of a kernel role for a head-dim bucket and an
-    input element size (2: fp16/bf16, 4: fp32). compile_check enumerates exactly KERNEL_ROLES x HEAD_DIMS x
-    {fp16, bf16, fp32} through this function."""
+def block_candidates(role: str, block_d: int, elem_bytes: int) -> list[dict]:
+    """The launch configurations (tile sizes, warps, stages, float32 dot precision) of a kernel role for a
+    head-dim bucket and an input element size (2: fp16/bf16, 4: fp32): the default first. The autotuner picks
+    among them on a GPU; compile_check compiles every one for KERNEL_ROLES x HEAD_DIMS x {fp16, bf16, fp32}."""
     configs = _CONFIGS[role]
     return configs.get((elem_bytes, block_d)) or configs[(elem_bytes, max(block_d, 64))]
-
-
-def gram_config(block_d: int, elem_bytes: int) -> dict:
-    if elem_bytes == 4:  # tf32x3 spills at head dim 256
-        return dict(BLOCK=16, num_warps=4 if block_d <= 128 else 8, num_stages=1,
-                    PRECISION="tf32x3" if block_d <= 128 else "ieee")
-    return dict(BLOCK=32, num_warps=4 if block_d <= 128 else 8, num_stages=1, PRECISION="tf32x3")
 
 
 def split_plan(n_stream: int, block_stream: int, programs: int, allow_split: bool) -> tuple[int, int]:
@@ -386,6 +375,65 @@ def split_plan(n_stream: int, block_stream: int, programs: int, allow_split: boo
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_stream
 
 
+_BLOCKS = {"fwd": ("BLOCK_R", "BLOCK_K"), "rows": ("BLOCK_R", "BLOCK_K"), "keys": ("BLOCK_K", "BLOCK_R")}
+_TUNED_META = ("BLOCK_R", "BLOCK_K", "PRECISION")  # what a candidate sets besides warps and stages
+
+
+def plan_blocks(role: str, block_d: int, elem_bytes: int) -> tuple[int, int]:
+    """(tile block, stream block) a launch plans its programs and splits with, whichever candidate runs:
+    the default's tile block and the largest candidate stream block. Blocks are powers of two, so every
+    candidate's tiles cover a split exactly, and the split plan (the partial buffers' shapes and the order
+    of their fixed-order sum) does not depend on the autotuner's pick."""
+    tiled, streamed = _BLOCKS[role]
+    candidates = block_candidates(role, block_d, elem_bytes)
+    return candidates[0][tiled], max(c[streamed] for c in candidates)
+
+
+def _length_bucket(stream_length: int) -> int:
+    """The streamed items per program, coarsely (256, 1k, 4k, 16k+): the autotuner's key besides dtypes,
+    head-dim bucket and variant, so that a new sequence length does not retune."""
+    bucket = 256
+    while bucket < min(stream_length, 16384):
+        bucket *= 4
+    return bucket
+
+
+_TUNERS: dict = {}  # (kernel, role, elem bytes, head-dim bucket, length bucket, atomic outputs) -> Autotuner
+
+
+def _tuner(kernel, role: str, block_d: int, elem_bytes: int, stream_length: int, atomic_outputs: tuple):
+    """The autotuner of one kernel role over its candidates. It benchmarks once per key (first call: device
+    syncs, extra launches); later calls only look the pick up on the host, so CUDA-graph capture works after
+    one warm-up call per shape bucket. The atomic variants add into zero-filled buffers: the tuner zeroes
+    them before every benchmark run and before the real launch. Other launches store every output element
+    and read no output, so benchmark runs leave nothing behind."""
+    key = (kernel, role, elem_bytes, block_d, _length_bucket(stream_length), atomic_outputs)
+    if key not in _TUNERS:
+        import triton.testing
+
+        configs = [triton.Config({name: c[name] for name in _TUNED_META}, num_warps=c["num_warps"],
+                                 num_stages=c["num_stages"]) for c in block_candidates(role, block_d, elem_bytes)]
+        # Tensor dtypes join the key by themselves (the stages' pointer dtypes); SCALED_GRAD picks a variant.
+        _TUNERS[key] = triton.autotune(
+            configs, key=["SCALED_GRAD"], reset_to_zero=list(atomic_outputs),
+            do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+        )(kernel)
+    return _TUNERS[key]
+
+
+def _launch(kernel, role: str, block_d: int, elem_bytes: int, grid, args: tuple, stream_length: int,
+            atomic_outputs: tuple, **meta) -> None:
+    """Launch a generic kernel with grid(META) (META: the chosen candidate's blocks): under the interpreter,
+    or with a single candidate, the default configuration, with no autotuner; on a GPU the tuner's pick."""
+    candidates = block_candidates(role, block_d, elem_bytes)
+    if INTERPRETER or len(candidates) == 1:
+        cfg = candidates[0]
+        kernel[grid(cfg)](*args, **meta, **{name: cfg[name] for name in _TUNED_META}, num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
+    else:
+        _tuner(kernel, role, block_d, elem_bytes, stream_length, atomic_outputs)[grid](*args, **meta)
+
+
 # ---- host wrappers ------------------------------------------------------------------------------------
 
 def _upcast(*tensors: torch.Tensor) -> bool:
@@ -393,9 +441,10 @@ def _upcast(*tensors: torch.Tensor) -> bool:
 
 
 def _mask_args(key_mask: torch.Tensor | None, device):
-    """(uint8 mask, batch stride, key stride, has_mask); a 1-byte placeholder when there is no mask."""
+    """(uint8 mask, batch stride, key stride, has_mask); an unread 1-byte placeholder when there is no mask
+    (an allocation, no launch)."""
     if key_mask is None:  # strides (0, 1): the same specialisation as a contiguous mask
-        return torch.zeros(1, dtype=torch.uint8, device=device), 0, 1, 0
+        return torch.empty(1, dtype=torch.uint8, device=device), 0, 1, 0
     mask = key_mask.view(torch.uint8)
     return mask, mask.stride(0), mask.stride(1), 1
 
@@ -414,127 +463,87 @@ def _strides(buffer: torch.Tensor) -> tuple[int, ...]:
     return (buffer.stride(0) if buffer.shape[0] > 1 else 0, *buffer.stride()[1:])
 
 
-def _reduce_splits(partial: torch.Tensor, dtype, factor: torch.Tensor | None = None) -> torch.Tensor:
-    """Second stage of a split reduction: a fixed-order sum over the split axis (deterministic), then the
-    gradient rescaling factor if any, then the cast."""
-    total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
-    if factor is not None:
-        total = total * factor
+def reduce_splits(partials: torch.Tensor, dtype) -> torch.Tensor:
+    """A fixed-order sum over the split axis of a (splits, ...) buffer (deterministic), cast to dtype: the
+    second stage of a split reduction whose consumer cannot add the partials on load."""
+    total = partials[0] if partials.shape[0] == 1 else partials.sum(0)
     return total.to(dtype)
 
 
 def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_keys: bool = False,
-                           deterministic: bool = True):
-    """kappa(x, y) @ v: x (b, H, r, p), y (b, Hk, n, p), v (b, Hk, n, pv), key_mask (b, n) bool or None.
+                           deterministic: bool = True) -> torch.Tensor:
+    """kappa(x, y) @ v: x (b, H, r, p), y (b, Hk, n, p), v (b, Hk, n, pv) in x's dtype, key_mask (b, n) bool
+    or None.
 
-    split_keys: cut the key axis into ranges with float32 partials (for few rows, e.g. m landmarks), added
-    in a fixed order, or (deterministic=False, and only when the launch does split) atomically.
+    Returns the (splits, b, H, r, pv) buffer the programs wrote: with split_keys the key axis may be cut into
+    ranges whose float32 partial sums the consumer adds (``reduce_splits``, or on load in the next kernel);
+    deterministic=False lets a launch that does split add them atomically into one slice instead. Without
+    split_keys it is one slice in out_dtype.
     """
     batch, heads, n_rows, dim = x.shape
     kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
-    v = v.to(x.dtype)  # the query apply's float32 landmark values: m x pv, a negligible copy
     block_d = head_block(dim, dim_v)
-    cfg = block_config("fwd", block_d, x.element_size())
-    row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
-    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
+    row_block, key_block = plan_blocks("fwd", block_d, x.element_size())
+    splits, keys_per_split = split_plan(n_keys, key_block, triton.cdiv(n_rows, row_block) * batch * heads,
+                                        split_keys)
     atomic = not deterministic and splits > 1
     out = _buffer(splits, (batch, heads, n_rows, dim_v), out_dtype, x.device, split_keys, atomic)
     if n_rows:
         mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
-        gaussian_attention_fwd_kernel[(row_tiles, splits, batch * heads)](
-            x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *_strides(out),
-            n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale * LOG2_E,
-            BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-            UPCAST=_upcast(x, y, v), PRECISION=cfg["PRECISION"], ATOMIC=atomic, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-    return _reduce_splits(out, out_dtype)
-
-
-def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
-    """2^ceil(log2(max|t|)) as a 0-d float32 tensor (1 for an all-zero t): dividing by it is exact."""
-    amax = t.detach().abs().amax().float()
-    return torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), torch.ones_like(amax))
+        _launch(gaussian_attention_fwd_kernel, "fwd", block_d, x.element_size(),
+                lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), splits, batch * heads),
+                (x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *_strides(out),
+                 n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale * LOG2_E),
+                keys_per_split, ("OUT",) if atomic else (), BLOCK_D=block_d, BLOCK_DV=block_d,
+                UPCAST=_upcast(x, y, v), ATOMIC=atomic)
+    return out
 
 
 def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys: bool = False,
-                           deterministic: bool = True):
-    """(dx, dy, dv) of gaussian_attention_fwd, each in its input's dtype.
+                           split_rows: bool = True, deterministic: bool = True, grad_factor=None):
+    """The (splits, ...) buffers of (dx, dy, dv) of gaussian_attention_fwd, as it returns its output.
 
-    dx streams keys (split like the forward when split_keys); dy and dv stream rows, split as needed, always
-    through float32 partials (or, deterministic=False, one float32 buffer that the splits add into
-    atomically). A float32 grad_out with low-precision inputs (the key summary's dZ, which can
-    exceed fp16's range) is divided by a power of two, fed to the kernels in the input dtype, and the
-    float32 results are multiplied back: exact rescaling, one compiled variant per input dtype.
+    dx streams keys, split like the forward when split_keys (float32 partials), else one slice in x's dtype.
+    dy and dv stream rows: with split_rows (rows as long as the sequence) they may split and come as float32
+    partials; without (the m landmark rows) one slice each in y's and v's dtype. deterministic=False: launches
+    that split add atomically into one float32 slice. grad_factor (b, H) float32: grad_out holds the true
+    gradient divided by these powers of two (the key summary's dZ, which can exceed fp16's range); the
+    kernels multiply them back (exact).
     """
     batch, heads, n_rows, dim = x.shape
     kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
-    v_dtype = v.dtype
-    v = v.to(x.dtype)
     if grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum(): a unit inner stride, as compiled
         grad_out = grad_out.contiguous()
-    grad_factor = None
-    if grad_out.dtype != x.dtype:
-        if not split_keys:
-            raise ValueError("a gradient in another dtype than x needs split_keys=True (float32 partials)")
-        grad_factor = _power_of_two_scale(grad_out)
-        grad_out = (grad_out / grad_factor).to(x.dtype)
+    scaled_grad = grad_factor is not None
+    grad_factor = grad_factor if scaled_grad else grad_out  # an unread placeholder pointer
     block_d = head_block(dim, dim_v)
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
     common = (*x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *grad_out.stride())
     upcast = _upcast(x, y, v, grad_out)
 
-    cfg = block_config("rows", block_d, x.element_size())
-    row_tiles = triton.cdiv(n_rows, cfg["BLOCK_R"])
-    splits, keys_per_split = split_plan(n_keys, cfg["BLOCK_K"], row_tiles * batch * heads, split_keys)
+    row_block, key_block = plan_blocks("rows", block_d, x.element_size())
+    splits, keys_per_split = split_plan(n_keys, key_block, triton.cdiv(n_rows, row_block) * batch * heads,
+                                        split_keys)
     atomic = not deterministic and splits > 1
     grad_x = _buffer(splits, x.shape, x.dtype, x.device, split_keys, atomic)
     if n_rows:
-        gaussian_attention_bwd_rows_kernel[(row_tiles, splits, batch * heads)](
-            x, y, v, mask, grad_out, grad_x, *common, *_strides(grad_x),
-            n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale,
-            scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-            UPCAST=upcast, PRECISION=cfg["PRECISION"], ATOMIC=atomic, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+        _launch(gaussian_attention_bwd_rows_kernel, "rows", block_d, x.element_size(),
+                lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), splits, batch * heads),
+                (x, y, v, mask, grad_out, grad_factor, grad_x, *common, *_strides(grad_x),
+                 n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale,
+                 scale * LOG2_E), keys_per_split, ("GRAD_X",) if atomic else (), BLOCK_D=block_d,
+                BLOCK_DV=block_d, UPCAST=upcast, ATOMIC=atomic, SCALED_GRAD=scaled_grad)
 
-    cfg = block_config("keys", block_d, x.element_size())
-    key_tiles = triton.cdiv(n_keys, cfg["BLOCK_K"])
-    splits, rows_per_split = split_plan(n_rows, cfg["BLOCK_R"], key_tiles * batch * kv_heads, True)
+    key_block, row_block = plan_blocks("keys", block_d, x.element_size())
+    splits, rows_per_split = split_plan(n_rows, row_block, triton.cdiv(n_keys, key_block) * batch * kv_heads,
+                                        split_rows)
     atomic = not deterministic and splits > 1
-    grad_y = _buffer(splits, y.shape, y.dtype, y.device, True, atomic)
-    grad_v = _buffer(splits, v.shape, v.dtype, v.device, True, atomic)
-    gaussian_attention_bwd_keys_kernel[(key_tiles, splits, batch * kv_heads)](
-        x, y, v, mask, grad_out, grad_y, grad_v, *common, *_strides(grad_y), *_strides(grad_v),
-        n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
-        scale * LOG2_E, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, BLOCK_DV=block_d,
-        UPCAST=upcast, PRECISION=cfg["PRECISION"], ATOMIC=atomic, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return (_reduce_splits(grad_x, x.dtype, grad_factor), _reduce_splits(grad_y, y.dtype, grad_factor),
-            _reduce_splits(grad_v, v_dtype, grad_factor))
-
-
-def landmark_gram_fwd(landmarks: torch.Tensor, scale: float) -> torch.Tensor:
-    """M = kappa(L, L) in float32: (b, H, m, p) -> (b, H, m, m)."""
-    batch, heads, m, dim = landmarks.shape
-    block_d = head_block(dim, dim)
-    cfg = gram_config(block_d, landmarks.element_size())
-    out = torch.empty(batch, heads, m, m, dtype=torch.float32, device=landmarks.device)
-    tiles = triton.cdiv(m, cfg["BLOCK"])
-    landmark_gram_kernel[(tiles, tiles, batch * heads)](
-        landmarks, out, *landmarks.stride(), *out.stride(), m, heads, dim, scale * LOG2_E,
-        BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks), PRECISION=cfg["PRECISION"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out
-
-
-def landmark_gram_bwd(grad_gram: torch.Tensor, landmarks: torch.Tensor, scale: float) -> torch.Tensor:
-    """dL from dM (any float dtype; read as float32)."""
-    batch, heads, m, dim = landmarks.shape
-    block_d = head_block(dim, dim)
-    cfg = gram_config(block_d, landmarks.element_size())
-    grad_gram = grad_gram.float()
-    grad = torch.empty(landmarks.shape, dtype=landmarks.dtype, device=landmarks.device)
-    landmark_gram_bwd_kernel[(triton.cdiv(m, cfg["BLOCK"]), batch * heads)](
-        landmarks, grad_gram, grad, *landmarks.stride(), *grad_gram.stride(), *grad.stride(), m, heads, dim,
-        scale, scale * LOG2_E, BLOCK=cfg["BLOCK"], BLOCK_D=block_d, UPCAST=_upcast(landmarks),
-        PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return grad
+    grad_y = _buffer(splits, y.shape, y.dtype, y.device, split_rows, atomic)
+    grad_v = _buffer(splits, v.shape, v.dtype, v.device, split_rows, atomic)
+    _launch(gaussian_attention_bwd_keys_kernel, "keys", block_d, x.element_size(),
+            lambda meta: (triton.cdiv(n_keys, meta["BLOCK_K"]), splits, batch * kv_heads),
+            (x, y, v, mask, grad_out, grad_factor, grad_y, grad_v, *common, *_strides(grad_y), *_strides(grad_v),
+             n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
+             scale * LOG2_E), rows_per_split * (heads // kv_heads), ("GRAD_Y", "GRAD_V") if atomic else (),
+            BLOCK_D=block_d, BLOCK_DV=block_d, UPCAST=upcast, ATOMIC=atomic, SCALED_GRAD=scaled_grad)
+    return grad_x, grad_y, grad_v

@@ -1,0 +1,50 @@
+"""The launch budget of backend="triton" (issue 12): a Skyformer call launches a handful of kernels and never
+waits for the GPU.
+
+Counted by bench.launches' rule (every Triton launch, every ATen op that computes or writes memory, nested
+ones included; host syncs = _local_scalar_dense, nonzero, masked_select, unique) on CPU under Triton's
+interpreter, which launches exactly what a CUDA run launches. Counts, never time.
+"""
+
+import pytest
+
+from bench.launches import Config, count_skyformer
+
+FORWARD_BUDGET = 6
+BACKWARD_BUDGET = 10
+
+# Odd sizes, n_q != n_k, GQA, a key mask: the split reductions of the interpreter's small program target
+# are exercised, and must still cost no launch of their own.
+BASE = dict(backend="triton", n_q=97, n_k=61, batch=2, heads=4, kv_heads=2, p=80, m=16, dtype="fp16")
+
+
+STAGES = {"landmarks", "key_summary", "landmark_solve", "query_apply"}
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # the default call: random landmarks, key mask, Newton-Schulz, deterministic
+    dict(landmarks="given", mask=False, dtype="bf16"),
+    dict(deterministic=False, dtype="fp32"),
+], ids=["default", "given-landmarks-no-mask", "nondeterministic"])
+def test_skyformer_call_stays_within_the_launch_budget_without_host_syncs(options):
+    config = Config(**{**BASE, **options})
+    forward, backward = count_skyformer(config)
+    # Given landmark_indices are range-checked before the call by reading their min and max (two reductions,
+    # two syncs; skipped under torch.compile and CUDA-graph capture). Nothing else reads a value back, and
+    # every other launch belongs to a stage: nothing runs between them (no casts, memsets or reductions).
+    validation = {"(unlabelled)": 4} if config.landmarks == "given" else {}
+    assert forward.syncs == sum(validation.values()) // 2 and backward.syncs == 0, (forward.sync_ops,
+                                                                                      backward.sync_ops)
+    assert {s: c for s, c in forward.by_stage.items() if s not in STAGES} == validation, forward.by_stage
+    assert set(backward.by_stage) <= STAGES, backward.by_stage
+    if config.deterministic:  # deterministic=False zero-fills the buffers its atomics add into
+        assert sum(forward.by_stage.get(s, 0) for s in STAGES) <= FORWARD_BUDGET, forward.by_kernel
+        assert backward.total <= BACKWARD_BUDGET, backward.by_kernel
+
+
+def test_default_call_launches_one_kernel_per_stage_pass():
+    """Forward: the draws, then one kernel per stage; backward: two per n-sized stage, one for the solve,
+    one scatter of the landmark gradients."""
+    forward, backward = count_skyformer(Config(**BASE))
+    assert forward.by_stage == {"landmarks": 2, "key_summary": 1, "landmark_solve": 1, "query_apply": 1}
+    assert backward.by_stage == {"query_apply": 2, "landmark_solve": 1, "key_summary": 2, "landmarks": 1}

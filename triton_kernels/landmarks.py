@@ -1,0 +1,175 @@
+"""Stage 1, landmarks: choose m rows of X = [q; k], gather them, and route their gradients back
+(reference: skyformer_ext.landmarks.sample_landmarks and gather_landmarks).
+
+Forward, one launch (``landmark_rows_kernel``, a program per (batch, head)): maps the uniform draws of
+``sample_landmarks`` (or the strided grid, or given indices) to row indices with exactly its rule — the first
+m // 2 landmarks among the valid query rows, the rest among the valid key rows, the rank-th valid row for a
+draw u being rank = min(floor(u * n_valid), n_valid - 1) — and writes the landmark rows L (b, H, m, p).
+Without a key mask the rank is the row; with one, the program walks the mask in blocks, counting valid rows
+with a cumulative sum (O(m * n / BLOCK_N) vector steps, no sort, no host sync). Same draws -> same indices as
+the torch path, bit for bit.
+
+Backward, one launch (``landmark_grad_scatter_kernel``, a program per (batch, kv head)): dL arrives in three
+parts — split partials from the query apply and from the key summary, and the landmark solve's Gram term —
+which the program adds on load and scatter-adds into dq (query landmarks) and dk (key landmarks, summed over
+the GQA group). Landmarks are visited one after another, so repeated landmarks accumulate in a fixed order:
+deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gaussian_tiles import _kernel, _mask_args
+
+# Where landmark indices come from (the SOURCE constexpr): constexpr globals, so compiled kernels may read them.
+SOURCE_GIVEN, SOURCE_DRAWS, SOURCE_STRIDED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+MAX_LANDMARKS = 1024  # the index vectors live in registers: BLOCK_M = next power of two of m
+
+
+def rows_config(block_m: int) -> dict:
+    """Warps, keys per step of the masked walk (BLOCK_M x BLOCK_N comparisons) and head-dim columns gathered
+    per step of landmark_rows_kernel for BLOCK_M landmark slots: the spill-free choices of compile_check."""
+    num_warps = 1 if block_m <= 32 else 4 if block_m <= 128 else 8 if block_m <= 256 else 16
+    block = 32 if block_m <= 256 else 16 if block_m <= 512 else 8
+    return dict(num_warps=num_warps, BLOCK_N=block, BLOCK_D=block)
+
+
+@triton.jit
+def _landmark_rows(DRAWS, INDICES_IN, mask_base, stride_mask, n_q, n_k, m, m_queries, has_mask,
+                   SOURCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row indices into [q; k] of the m landmark slots (int64, BLOCK_M of them; slots >= m are 0)."""
+    slots = tl.arange(0, BLOCK_M)
+    in_range = slots < m
+    if SOURCE == SOURCE_GIVEN:
+        return tl.load(INDICES_IN + slots, mask=in_range, other=0).to(tl.int64)
+    is_key = slots >= m_queries
+    if SOURCE == SOURCE_DRAWS:
+        draws = tl.load(DRAWS + slots, mask=in_range, other=0.0).to(tl.float64)
+    else:  # strided: the midpoints of count equal cells, per part
+        count = tl.where(is_key, m - m_queries, m_queries)
+        local = tl.where(is_key, slots - m_queries, slots)
+        draws = (local.to(tl.float64) + 0.5) / tl.maximum(count, 1).to(tl.float64)
+    # The key mask marks the valid keys, and the valid queries too when n_q == n_k (self-attention); a batch
+    # row with no valid key treats every row as valid. Without a mask the walks cover no key.
+    walked_keys = n_k * has_mask
+    valid_keys = n_k * 0
+    for key0 in range(0, walked_keys, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        keep = tl.load(mask_base + keys.to(tl.int64) * stride_mask, mask=keys < n_k, other=0)
+        valid_keys += tl.sum((keep != 0).to(tl.int32), axis=0)
+    walks_mask = (has_mask != 0) & (valid_keys > 0) & (is_key | (n_q == n_k))
+    n_valid = tl.where(walks_mask, valid_keys, tl.where(is_key, n_k, n_q)).to(tl.int64)
+    rank = tl.minimum((draws * n_valid.to(tl.float64)).to(tl.int64), n_valid - 1)
+    position = tl.where(walks_mask, 0, rank)
+    valid_before = valid_keys.to(tl.int64) * 0
+    for key0 in range(0, walked_keys, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        keep = tl.load(mask_base + keys.to(tl.int64) * stride_mask, mask=keys < n_k, other=0) != 0
+        valid_through = valid_before + tl.cumsum(keep.to(tl.int64), axis=0)
+        hit = walks_mask[:, None] & keep[None, :] & (valid_through[None, :] == rank[:, None] + 1)
+        position += tl.sum(tl.where(hit, keys[None, :].to(tl.int64), 0), axis=1)
+        valid_before += tl.sum(keep.to(tl.int64), axis=0)
+    return tl.where(in_range, position + tl.where(is_key, n_q, 0), 0)
+
+
+@_kernel
+def landmark_rows_kernel(Q, K, MASK, DRAWS, INDICES_IN, INDICES_OUT, L,
+                         sq_b, sq_h, sq_r, sq_d, sk_b, sk_h, sk_r, sk_d, sm_b, sm_r, sdraw_b, sidx_b, sout_b,
+                         sl_b, sl_h, sl_r, sl_d, n_q, n_k, heads, group, m, m_queries, dim, has_mask,
+                         SOURCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    pid_b, head = tl.program_id(0), tl.program_id(1)
+    batch = pid_b.to(tl.int64)
+    indices = _landmark_rows(DRAWS + batch * sdraw_b, INDICES_IN + batch * sidx_b, MASK + batch * sm_b, sm_r,
+                             n_q, n_k, m, m_queries, has_mask, SOURCE, BLOCK_M, BLOCK_N)
+    slots = tl.arange(0, BLOCK_M)
+    in_range = slots < m
+    if head == 0:  # the backward's scatter needs them; every head of a batch row has the same ones
+        tl.store(INDICES_OUT + batch * sout_b + slots, indices, mask=in_range)
+    from_q = in_range & (indices < n_q)
+    from_k = in_range & (indices >= n_q)
+    q_rows = Q + batch * sq_b + head.to(tl.int64) * sq_h + tl.where(from_q, indices, 0)[:, None] * sq_r
+    k_rows = (K + batch * sk_b + (head // group).to(tl.int64) * sk_h
+              + tl.where(from_k, indices - n_q, 0)[:, None] * sk_r)
+    l_rows = L + batch * sl_b + head.to(tl.int64) * sl_h + slots[:, None].to(tl.int64) * sl_r
+    for col0 in range(0, dim, BLOCK_D):
+        cols = col0 + tl.arange(0, BLOCK_D)
+        inside = cols[None, :] < dim
+        rows = tl.where(from_q[:, None], tl.load(q_rows + cols[None, :] * sq_d, mask=from_q[:, None] & inside),
+                        tl.load(k_rows + cols[None, :] * sk_d, mask=from_k[:, None] & inside))
+        tl.store(l_rows + cols[None, :] * sl_d, rows, mask=in_range[:, None] & inside)
+
+
+@_kernel
+def landmark_grad_scatter_kernel(INDICES, GRAD_QA, GRAD_KS, GRAD_SOLVE, GRAD_Q, GRAD_K,
+                                 sidx_b, sqa_s, sqa_b, sqa_h, sqa_r, sqa_d, sks_s, sks_b, sks_h, sks_r, sks_d,
+                                 sgs_b, sgs_h, sgs_r, sgs_d, sdq_b, sdq_h, sdq_r, sdq_d, sdk_b, sdk_h, sdk_r, sdk_d,
+                                 n_q, m, kv_heads, group, query_splits, key_splits, dim,
+                                 BLOCK_D: tl.constexpr):
+    pid_bk = tl.program_id(0)
+    batch = (pid_bk // kv_heads).to(tl.int64)
+    kv_head = (pid_bk % kv_heads).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < dim
+    for slot in range(0, m):
+        row = tl.load(INDICES + batch * sidx_b + slot)
+        key_grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for member in range(0, group):
+            head = kv_head * group + member
+            offset = batch * sqa_b + head * sqa_h + slot * sqa_r
+            grad = tl.load(GRAD_SOLVE + batch * sgs_b + head * sgs_h + slot * sgs_r + cols * sgs_d, mask=inside,
+                           other=0.0)
+            for split in range(0, query_splits):
+                grad += tl.load(GRAD_QA + split * sqa_s + offset + cols * sqa_d, mask=inside, other=0.0)
+            offset = batch * sks_b + head * sks_h + slot * sks_r
+            for split in range(0, key_splits):
+                grad += tl.load(GRAD_KS + split * sks_s + offset + cols * sks_d, mask=inside, other=0.0)
+            if row < n_q:
+                target = GRAD_Q + batch * sdq_b + head * sdq_h + row * sdq_r + cols * sdq_d
+                total = tl.load(target, mask=inside, other=0.0).to(tl.float32) + grad
+                tl.store(target, total.to(GRAD_Q.dtype.element_ty), mask=inside)
+            else:
+                key_grad += grad
+        if row >= n_q:
+            target = GRAD_K + batch * sdk_b + kv_head * sdk_h + (row - n_q) * sdk_r + cols * sdk_d
+            total = tl.load(target, mask=inside, other=0.0).to(tl.float32) + key_grad
+            tl.store(target, total.to(GRAD_K.dtype.element_ty), mask=inside)
+
+
+# ---- host wrappers ------------------------------------------------------------------------------------
+
+def forward(q, k, key_mask, m: int, indices=None, draws=None):
+    """(L (b, H, m, p) in q's dtype, indices (b, m) int64): from given ``indices``, from ``draws`` (b, m)
+    uniform in [0, 1) (float64, the layout of ``skyformer_ext.landmarks.landmark_draws``), or, with neither,
+    the strided grid."""
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[2]
+    source = (SOURCE_GIVEN if indices is not None else SOURCE_DRAWS if draws is not None else SOURCE_STRIDED).value
+    landmarks = q.new_empty(batch, heads, m, dim)
+    out_indices = torch.empty(batch, m, dtype=torch.int64, device=q.device)
+    placeholder = out_indices  # pointers that the chosen source never reads
+    indices_in = indices if indices is not None else placeholder
+    draws = draws if draws is not None else placeholder
+    mask, sm_b, sm_r, has_mask = _mask_args(key_mask, q.device)
+    block_m = max(16, triton.next_power_of_2(m))
+    landmark_rows_kernel[(batch, heads)](
+        q, k, mask, draws, indices_in, out_indices, landmarks, *q.stride(), *k.stride(), sm_b, sm_r,
+        draws.stride(0), indices_in.stride(0), out_indices.stride(0), *landmarks.stride(),
+        n_q, n_k, heads, heads // k.shape[1], m, m // 2 if n_q > 0 else 0, dim, has_mask,
+        SOURCE=source, BLOCK_M=block_m, **rows_config(block_m))
+    return landmarks, out_indices
+
+
+def backward_into(grad_q, grad_k, indices, grad_from_queries, grad_from_keys, grad_from_solve) -> None:
+    """Adds dL = sum of the query apply's split partials + the key summary's split partials + the solve's
+    Gram term into grad_q / grad_k at the landmark rows, in place (one launch)."""
+    batch, heads, m, dim = grad_from_solve.shape
+    kv_heads = grad_k.shape[1]
+    landmark_grad_scatter_kernel[(batch * kv_heads,)](
+        indices, grad_from_queries, grad_from_keys, grad_from_solve, grad_q, grad_k, indices.stride(0),
+        *grad_from_queries.stride(), *grad_from_keys.stride(), *grad_from_solve.stride(), *grad_q.stride(),
+        *grad_k.stride(), grad_q.shape[2], m, kv_heads, heads // kv_heads, grad_from_queries.shape[0],
+        grad_from_keys.shape[0], dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4)
