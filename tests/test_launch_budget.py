@@ -25,7 +25,8 @@ STAGES = {"landmarks", "key_summary", "landmark_solve", "query_apply"}
     dict(),  # the default call: random landmarks, key mask, Newton-Schulz, deterministic
     dict(landmarks="given", mask=False, dtype="bf16"),
     dict(deterministic=False, dtype="fp32"),
-], ids=["default", "given-landmarks-no-mask", "nondeterministic"])
+    dict(inverse="cholesky", dtype="bf16"),
+], ids=["default", "given-landmarks-no-mask", "nondeterministic", "cholesky"])
 def test_skyformer_call_stays_within_the_launch_budget_without_host_syncs(options):
     config = Config(**{**BASE, **options})
     forward, backward = count_skyformer(config)
