@@ -29,3 +29,18 @@ def assert_within_low_precision_rule(actual, truth, same_dtype_baseline, *, name
     err = max_error(actual, truth)
     base = max_error(same_dtype_baseline, truth)
     assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 x same-dtype reference error {base:.3e}"
+
+
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors, so an element a kernel forgets to write fails the
+    comparison (the library allocates every output and buffer with torch.empty)."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)

@@ -50,9 +50,15 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 RUNTIME_INTS = ["n_rows", "n_keys", "heads", "kv_heads", "group", "has_mask", "m"]
 
 
-def _kernel(fn):
-    return triton.jit(fn, do_not_specialize=[a for a in RUNTIME_INTS if a in fn.__code__.co_varnames[
-        :fn.__code__.co_argcount]])
+def kernel_with_runtime_ints(runtime_ints):
+    """A triton.jit decorator that leaves the kernel's arguments named in runtime_ints unspecialised."""
+    def decorate(fn):
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        return triton.jit(fn, do_not_specialize=[a for a in runtime_ints if a in names])
+    return decorate
+
+
+_kernel = kernel_with_runtime_ints(RUNTIME_INTS)
 
 
 @triton.jit

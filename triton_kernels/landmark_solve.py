@@ -46,9 +46,7 @@ MAX_HEAD_DIM = 256
 M_PADS = (16, 32, 64, 128, 256)  # landmark-count buckets: next power of two of m, at least 16
 
 
-def _kernel(fn):
-    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    return triton.jit(fn, do_not_specialize=[a for a in RUNTIME_INTS if a in names])
+_kernel = gaussian_tiles.kernel_with_runtime_ints(RUNTIME_INTS)
 
 
 # ---- blocked matrix helpers (operands in the program's float32 workspace) --------------------------------
