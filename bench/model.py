@@ -40,6 +40,7 @@ FLASH_ATTENTION = {
 }
 FA_BACKWARD_FLOP_RATIO = 2.5
 FA_BACKWARD_SPEED_RATIO = 0.8
+SOLVE_BLOCK = 32  # the solve's tile (triton_kernels.landmark_solve.solve_config's BLOCK)
 SOLVE_PRECISIONS = {"tf32x3": ("tf32_tensor_flops", 3), "tf32": ("tf32_tensor_flops", 1),
                     "ieee": ("fp32_fma_flops", 1), "bf16": ("bf16_tensor_flops", 1)}
 
@@ -52,7 +53,7 @@ class Shape:
     m: int = 128            # landmarks
     elem: int = 2           # bytes per input element (bf16)
     ns_iters: int = 6
-    solve_precision: str = "tf32x3"  # what triton_kernels.landmark_solve.solve_precision picks
+    solve_precision: str = "tf32"  # what triton_kernels.landmark_solve.solve_precision picks for bf16
 
 
 @dataclass
@@ -71,18 +72,24 @@ def stages(n: int, s: Shape) -> list[Stage]:
     bh, p, m, e = s.bh, s.p, s.m, s.elem
     tensor = bh * n * p * e                       # one (b, h, n, p) input/output tensor
     small = bh * m * p * 4                        # one float32 (b, h, m, p) tensor
-    gram = 2 * m * m * p
-    ns = 8 * m ** 3 * s.ns_iters                  # 4 m x m products per iteration
-    apply_w = 2 * m * m * p
+    product = 2 * m ** 3                          # one m x m product
+    tiles = -(-m // SOLVE_BLOCK)
+    symmetric = (tiles + 1) / (2 * tiles)         # a symmetric product computes the upper tiles only
+    gram = 2 * m * m * p                          # kappa(L, L)'s dot products
+    small_product = 2 * m * m * p                 # (m x m) @ (m x p_v), p_v = p
+    # Forward: Gram, 4 symmetric products per iteration, Y = W Z. Backward: the same forward again, then the
+    # reverse of each iteration (8 general products), dZ and dV of Y = W Z, the Gram's kappa again and H @ L.
+    solve_fwd = gram + 4 * s.ns_iters * symmetric * product + small_product
+    solve_bwd = solve_fwd + 8 * s.ns_iters * product + 2 * small_product + 2 * gram
     return [
         Stage("landmarks (draw + sample)", "fwd", s.batch * m * 16, 0, 0, 2),
         Stage("key summary Z = B^T V", "fwd", 2 * tensor + s.batch * n, 4 * bh * n * m * p, bh * n * m, 1),
         Stage("landmark solve (Gram + Newton-Schulz + W Z)", "fwd", 3 * small, 0, bh * m * m, 1,
-              bh * (gram + ns + apply_w)),
+              bh * solve_fwd),
         Stage("query apply O = A Y", "fwd", 2 * tensor + small, 4 * bh * n * m * p, bh * n * m, 1),
         # Backward: two kernels per n-sized stage, each recomputing its kappa tile (see shared/skyformer-math.md).
         Stage("query apply backward (dQ; dY, dL)", "bwd", 5 * tensor, 14 * bh * n * m * p, 2 * bh * n * m, 2),
-        Stage("landmark solve backward", "bwd", 4 * small, 0, bh * m * m, 1, 2 * bh * (gram + ns + apply_w)),
+        Stage("landmark solve backward", "bwd", 4 * small, 0, 2 * bh * m * m, 1, bh * solve_bwd),
         Stage("key summary backward (dK; dV, dL)", "bwd", 6 * tensor + 2 * s.batch * n, 14 * bh * n * m * p,
               2 * bh * n * m, 2),
         Stage("landmark gradient scatter", "bwd", 3 * small, 0, 0, 1),

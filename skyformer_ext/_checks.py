@@ -70,7 +70,7 @@ def check_scale(scale) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
-    if not (scale > 0 and math.isfinite(scale)):  # inf or NaN would make every output NaN
+    if not 0 < scale < math.inf:  # inf or NaN would make every output NaN (comparisons: torch.compile traces them)
         raise ValueError(f"scale must be positive and finite (the Gaussian uses sqrt(scale)), got {scale}")
 
 
@@ -89,7 +89,7 @@ def check_bool(name: str, value) -> None:
 def check_ridge(ridge) -> None:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
         raise TypeError(f"ridge must be a float, got {type(ridge).__name__}")
-    if not (ridge >= 0 and math.isfinite(ridge)):  # NaN or inf would make every output NaN
+    if not 0 <= ridge < math.inf:  # NaN or inf would make every output NaN
         raise ValueError(f"ridge must be >= 0 and finite, got {ridge}")
 
 

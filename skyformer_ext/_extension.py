@@ -26,6 +26,9 @@ import warnings
 
 import torch
 
+from ._amp import without_autocast
+from ._autograd import first_order_only
+
 try:
     _C = importlib.import_module(f"{__package__}._C")
     LOAD_ERROR: str | None = None
@@ -78,6 +81,7 @@ def build_info() -> dict:
 
 
 # ---- fake kernels and autograd -----------------------------------------------------------------------------
+# The backwards run without autocast (skyformer_ext._amp) and have no derivative of their own (_autograd).
 
 def _fake_cholesky_solve(gram, summary, ridge):
     return (summary.new_empty(summary.shape), gram.new_empty(gram.shape),
@@ -92,9 +96,11 @@ def _setup_cholesky_solve(ctx, inputs, output):
 
 def _backward_cholesky_solve(ctx, grad_solution, _grad_factor, _grad_status):
     factor, solution = ctx.saved_tensors
-    grad_summary = torch.ops.skyformer.cholesky_solve_factored(factor, grad_solution)
-    outer = grad_summary @ solution.transpose(-1, -2)
-    return -0.5 * (outer + outer.transpose(-1, -2)), grad_summary, None
+    with torch.no_grad(), without_autocast(grad_solution.device):
+        grad_summary = torch.ops.skyformer.cholesky_solve_factored(factor, grad_solution)
+        outer = grad_summary @ solution.transpose(-1, -2)
+        grads = (-0.5 * (outer + outer.transpose(-1, -2)), grad_summary)
+    return *first_order_only("torch", grads, (grad_solution, *ctx.saved_tensors)), None
 
 
 def _fake_cholesky_solve_factored(factor, rhs):
@@ -113,9 +119,9 @@ def _setup_newton_schulz_solve(ctx, inputs, output):
 
 def _backward_newton_schulz_solve(ctx, grad_solution):
     gram, summary = ctx.saved_tensors
-    grad_gram, grad_summary = torch.ops.skyformer.newton_schulz_solve_backward(
-        grad_solution, gram, summary, ctx.ridge, ctx.iters)
-    return grad_gram, grad_summary, None, None
+    with torch.no_grad(), without_autocast(grad_solution.device):
+        grads = torch.ops.skyformer.newton_schulz_solve_backward(grad_solution, gram, summary, ctx.ridge, ctx.iters)
+    return *first_order_only("torch", grads, (grad_solution, gram, summary)), None, None
 
 
 def _fake_newton_schulz_solve_backward(grad_solution, gram, summary, ridge, iters):

@@ -17,6 +17,7 @@ STAGE_PREFIX = "skyformer_stage::"
 
 def stage(name: str):
     """Context manager labelling the work inside it as stage ``name`` (only while a profiler runs)."""
-    if not torch.autograd._profiler_enabled():
+    # torch.compile cannot trace the profiler flag; a compiled graph has its own profiler names anyway.
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
         return contextlib.nullcontext()
     return torch.profiler.record_function(STAGE_PREFIX + name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, reference, torch_backend
+from ._amp import autocast_inputs, without_autocast
 from ._stages import stage
 from .landmarks import landmark_draws, sample_landmarks
 
@@ -60,7 +61,8 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
 
     Edge behaviour: a batch row whose keys are all masked returns zeros; NaN inputs give NaN outputs; more
     landmarks than valid rows is allowed (sampling with replacement, as in the paper). Query rows are never
-    masked (their outputs are defined for every row).
+    masked (their outputs are defined for every row). Under torch.autocast, float32 inputs are cast to the
+    autocast dtype first (see README "Edge cases and guarantees").
     """
     _checks.check_qkv(q, k, v)
     batch, _, n_q, _ = q.shape
@@ -73,8 +75,18 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
     if landmark_indices is not None:
         _checks.check_landmark_indices(landmark_indices, batch, n_q + n_k, q.device)
     m = num_landmarks if landmark_indices is None else landmark_indices.shape[1]
+    q, k, v = autocast_inputs(q, k, v)
     backend = _resolve_backend(backend, q, v, m)
     scale = _checks.default_scale(scale, q.shape[-1])
+    with without_autocast(q.device):
+        return _skyformer(q, k, v, attn_mask, num_landmarks, landmarks, landmark_indices, generator, ridge, inverse,
+                          ns_iters, scale, backend, deterministic)
+
+
+def _skyformer(q, k, v, attn_mask, num_landmarks, landmarks, landmark_indices, generator, ridge, inverse,
+               ns_iters, scale, backend, deterministic) -> torch.Tensor:
+    batch, _, n_q, _ = q.shape
+    n_k = k.shape[2]
     if backend == "triton":  # samples inside its landmark kernel, from the same draws as sample_landmarks
         from . import triton_backend
         draws = None
@@ -108,11 +120,13 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _checks.check_key_mask(attn_mask, q.shape[0], k.shape[2], q.device)
     _checks.check_scale(scale)
     _checks.check_bool("deterministic", deterministic)
+    q, k, v = autocast_inputs(q, k, v)
     backend = _resolve_backend(backend, q, v)
-    if backend == "reference":
-        return reference.kernelized_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    if backend == "triton":
-        from . import triton_backend
-        return triton_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]),
-                                                   deterministic)
-    return torch_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))
+    with without_autocast(q.device):
+        if backend == "reference":
+            return reference.kernelized_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        if backend == "triton":
+            from . import triton_backend
+            return triton_backend.kernelized_attention(q, k, v, attn_mask,
+                                                       _checks.default_scale(scale, q.shape[-1]), deterministic)
+        return torch_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))

@@ -72,18 +72,36 @@ def sample_landmarks(batch: int, n_q: int, n_k: int, num_landmarks: int, *, attn
     return torch.cat(parts, dim=1)
 
 
+@torch.library.custom_op("skyformer_ext::landmark_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _default_generator_draws(batch: int, num_landmarks: int, device: torch.device) -> torch.Tensor:
+    """torch.rand on the default generator as an opaque op, so that under torch.compile the draws still come
+    from the eager random stream (compiled code would otherwise generate its own random numbers), and the
+    seeded-nondeterministic tag keeps two calls from being merged."""
+    return torch.rand(batch, num_landmarks, device=device, dtype=torch.float64)
+
+
+@_default_generator_draws.register_fake
+def _(batch, num_landmarks, device):
+    return torch.empty(batch, num_landmarks, device=device, dtype=torch.float64)
+
+
 def landmark_draws(batch: int, num_landmarks: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """The uniform draws behind random landmarks: (batch, num_landmarks) float64 in [0, 1), one
     ``torch.rand`` call (the first num_landmarks // 2 columns pick query rows when there are queries, the
     rest key rows). The Triton path maps the same draws to the same indices inside its landmark kernel."""
-    rand_device = generator.device if generator is not None else device
-    return torch.rand(batch, num_landmarks, generator=generator, device=rand_device, dtype=torch.float64).to(device)
+    if generator is None:
+        return _default_generator_draws(batch, num_landmarks, torch.device(device))
+    return torch.rand(batch, num_landmarks, generator=generator, device=generator.device,
+                      dtype=torch.float64).to(device)
 
 
-def gather_landmarks(q: torch.Tensor, k: torch.Tensor, landmark_indices: torch.Tensor) -> torch.Tensor:
+def gather_landmarks(q: torch.Tensor, k: torch.Tensor, landmark_indices: torch.Tensor,
+                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """L = X[idx] per q-head, shape (batch, heads, m, p), in the inputs' (unscaled) units and dtype.
 
-    Differentiable: gradients scatter-add back into q and k (repeated landmarks accumulate).
+    A batch row whose keys ``attn_mask`` masks all gets zero landmark rows: its output is zero whatever the
+    landmarks are, and rows drawn from its padding could hold NaN or Inf. Differentiable: gradients
+    scatter-add back into q and k (repeated landmarks accumulate; the zeroed rows pass none).
     """
     batch, heads, n_q, p = q.shape
     group = heads // k.shape[1]
@@ -95,4 +113,7 @@ def gather_landmarks(q: torch.Tensor, k: torch.Tensor, landmark_indices: torch.T
     from_q = q.gather(2, q_rows[:, None, :, None].expand(batch, heads, m, p)) if n_q else None
     from_k = k.gather(2, k_rows[:, None, :, None].expand(batch, k.shape[1], m, p))
     from_k = from_k.repeat_interleave(group, dim=1) if group > 1 else from_k
-    return from_k if from_q is None else torch.where(is_query, from_q, from_k)
+    rows = from_k if from_q is None else torch.where(is_query, from_q, from_k)
+    if attn_mask is not None:
+        rows = rows.masked_fill(~attn_mask.any(1)[:, None, None, None], 0.0)
+    return rows

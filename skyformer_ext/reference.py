@@ -34,9 +34,13 @@ def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(group, dim=1) if group > 1 else t
 
 
-def _key_weights(attn_mask, like: torch.Tensor) -> torch.Tensor | None:
-    """(batch, 1, n_k, 1) multiplier that zeroes padded keys, or None without a mask."""
-    return None if attn_mask is None else attn_mask[:, None, :, None].to(like.dtype)
+def _drop_padded_keys(attn_mask, *tensors):
+    """k, v (batch, heads, n_k, d) with padded rows set to 0 (not multiplied by 0: NaN or Inf stored under
+    padding must not reach any output or gradient)."""
+    if attn_mask is None:
+        return tensors
+    padded = ~attn_mask[:, None, :, None]
+    return tuple(t.masked_fill(padded, 0.0) for t in tensors)
 
 
 def kernelized_attention(q, k, v, *, attn_mask=None, scale=None) -> torch.Tensor:
@@ -45,10 +49,10 @@ def kernelized_attention(q, k, v, *, attn_mask=None, scale=None) -> torch.Tensor
     _checks.check_key_mask(attn_mask, q.shape[0], k.shape[2], q.device)
     _checks.check_scale(scale)
     scale = _checks.default_scale(scale, q.shape[-1])
-    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    k, v = _drop_padded_keys(attn_mask, _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1]))
     scores = gaussian_kernel(q, k, scale)
     if attn_mask is not None:
-        scores = scores * attn_mask[:, None, None, :].to(scores.dtype)
+        scores = scores.masked_fill(~attn_mask[:, None, None, :], 0.0)
     return scores @ v
 
 
@@ -62,11 +66,10 @@ def landmark_gram(landmarks: torch.Tensor, scale: float) -> torch.Tensor:
 def key_summary(k, v, landmarks, attn_mask, scale: float) -> torch.Tensor:
     """Z = kappa(K, L)^T V over valid keys: (batch, heads, m, p_v). k, v may have fewer (kv) heads."""
     heads = landmarks.shape[1]
-    k, v = _repeat_kv(k, heads), _repeat_kv(v, heads)
+    k, v = _drop_padded_keys(attn_mask, _repeat_kv(k, heads), _repeat_kv(v, heads))
     key_block = gaussian_kernel(k, landmarks, scale)
-    weights = _key_weights(attn_mask, key_block)
-    if weights is not None:
-        key_block = key_block * weights
+    if attn_mask is not None:
+        key_block = key_block.masked_fill(~attn_mask[:, None, :, None], 0.0)
     return key_block.transpose(-1, -2) @ v
 
 
@@ -119,6 +122,8 @@ def skyformer_attention(q, k, v, landmark_indices, *, attn_mask=None, ridge=0.1,
     rows = torch.cat([q, _repeat_kv(k, heads)], dim=2)  # X = [Q; K] per q-head
     index = landmark_indices.long()[:, None, :, None].expand(-1, heads, -1, q.shape[-1])
     landmarks = rows.gather(2, index)
+    if attn_mask is not None:  # a batch row with no valid key: zero landmarks (its output is zero anyway)
+        landmarks = landmarks.masked_fill(~attn_mask.any(1)[:, None, None, None], 0.0)
 
     gram = landmark_gram(landmarks, scale)
     summary = key_summary(k, v, landmarks, attn_mask, scale)

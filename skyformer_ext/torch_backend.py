@@ -23,7 +23,13 @@ import math
 
 import torch
 
+from typing import Optional
+
+from torch import Tensor
+
 from . import _checks, reference, solve
+from ._amp import without_autocast
+from ._autograd import backward_without_graph, first_order_only
 from .landmarks import gather_landmarks
 
 # One (query tile x key tile) block, summed over batch*kv_heads, holds at most TILE_ELEMENTS values (2 MiB
@@ -81,8 +87,8 @@ def _kernel_tile(rows, row_bias, cols, col_bias, key_keep, scale: float, buffer:
 
 
 def _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
-    """Yields (start, stop, k, k_bias, v, keep) per key tile, upcast to the compute dtype; padded v rows
-    are zeroed so that NaN/inf there cannot leak into the output."""
+    """Yields (start, stop, k, k_bias, v, keep) per key tile, upcast to the compute dtype; padded k and v
+    rows are zeroed so that NaN/inf there cannot leak into the output or a gradient (0 * NaN is NaN)."""
     n_cols = keys.shape[1]
     for start in range(0, n_cols, col_tile):
         stop = min(start + col_tile, n_cols)
@@ -91,71 +97,124 @@ def _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
         keep = None
         if key_mask is not None:
             keep = key_mask[:, start:stop].unsqueeze(1)
-            v = v.masked_fill(~keep.transpose(1, 2), 0.0)
+            padded_rows = ~keep.transpose(1, 2)
+            k, v = k.masked_fill(padded_rows, 0.0), v.masked_fill(padded_rows, 0.0)
         yield start, stop, k, key_bias[:, start:stop], v, keep
 
 
-class _GaussianAttention(torch.autograd.Function):
-    """kappa(queries, keys) @ values on 3-D (bk, rows, d) operands; key_mask (bk, n_k) bool or None."""
+# kappa(queries, keys) @ values as a custom op pair: torch.compile keeps each pass one graph node whatever the
+# shapes (its tile loops step through Python ranges of the sizes, which cannot be traced for symbolic sizes),
+# and runs exactly the eager code.
+
+@torch.library.custom_op("skyformer_ext::gaussian_attention_tiled", mutates_args=())
+def _gaussian_attention_op(queries: Tensor, keys: Tensor, values: Tensor, key_mask: Optional[Tensor], scale: float,
+                           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, query_bias, key_bias) on 3-D (bk, rows, d) operands; key_mask (bk, n_k) bool or None. The row-norm
+    biases are kept for the backward."""
+    cdtype = _checks.compute_dtype(queries.dtype)
+    bk, n_rows, _ = queries.shape
+    row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
+    query_bias, key_bias = _norm_bias(queries, scale, cdtype), _norm_bias(keys, scale, cdtype)
+    out = torch.empty(bk, n_rows, values.shape[-1], dtype=out_dtype, device=queries.device)
+    scratch = dict(dtype=cdtype, device=queries.device)
+    tile_buffer = torch.empty(bk * row_tile * col_tile, **scratch)
+    # With all keys in one block (the query apply: keys are the m landmarks) it is prepared once.
+    one_block = None
+    if keys.shape[1] <= col_tile:
+        one_block = next(_key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile), None)
+    for r0 in range(0, n_rows, row_tile):
+        q = queries[:, r0:r0 + row_tile].to(cdtype)
+        q_bias = query_bias[:, r0:r0 + row_tile]
+        if one_block is not None:
+            _, _, k, k_bias, v, keep = one_block
+            out[:, r0:r0 + row_tile] = torch.bmm(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
+            continue
+        acc = torch.zeros(bk, q.shape[1], values.shape[-1], **scratch)
+        for _, _, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
+            acc.baddbmm_(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
+        out[:, r0:r0 + row_tile] = acc
+    return out, query_bias, key_bias
+
+
+@_gaussian_attention_op.register_fake
+def _(queries, keys, values, key_mask, scale, out_dtype):
+    cdtype = _checks.compute_dtype(queries.dtype)
+    return (queries.new_empty(*queries.shape[:2], values.shape[-1], dtype=out_dtype),
+            queries.new_empty(queries.shape[:2], dtype=cdtype), keys.new_empty(keys.shape[:2], dtype=cdtype))
+
+
+@torch.library.custom_op("skyformer_ext::gaussian_attention_tiled_backward", mutates_args=())
+def _gaussian_attention_backward_op(grad_out: Tensor, queries: Tensor, keys: Tensor, values: Tensor,
+                                    key_mask: Optional[Tensor], query_bias: Tensor, key_bias: Tensor,
+                                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    cdtype = _checks.compute_dtype(queries.dtype)
+    bk, n_rows, _ = queries.shape
+    row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
+    tile_buffer = torch.empty(bk * row_tile * col_tile, dtype=cdtype, device=queries.device)
+    grad_q = torch.empty(queries.shape, dtype=cdtype, device=queries.device)
+    grad_k = torch.zeros(keys.shape, dtype=cdtype, device=keys.device)
+    grad_v = torch.zeros(values.shape, dtype=cdtype, device=values.device)
+    for r0 in range(0, n_rows, row_tile):
+        q = queries[:, r0:r0 + row_tile].to(cdtype)
+        q_bias = query_bias[:, r0:r0 + row_tile]
+        d_out = grad_out[:, r0:r0 + row_tile].to(cdtype)
+        dq = torch.zeros_like(q)
+        dq_rowsum = torch.zeros(bk, q.shape[1], 1, dtype=cdtype, device=q.device)
+        for c0, c1, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
+            kernel = _kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer)
+            # The column slices of grad_k/grad_v are strided across the batch, where an in-place
+            # baddbmm_ falls back to one matmul per batch entry: multiply batched, then add.
+            grad_v[:, c0:c1] += torch.bmm(kernel.transpose(1, 2), d_out)
+            # dS = (dO V^T) * kappa, then the Gaussian's chain rule on both sides.
+            d_score = torch.bmm(d_out, v.transpose(1, 2)).mul_(kernel)
+            dq.baddbmm_(d_score, k)
+            dq_rowsum += d_score.sum(-1, keepdim=True)
+            grad_k[:, c0:c1] += torch.bmm(d_score.transpose(1, 2), q).sub_(k * d_score.sum(1).unsqueeze(-1))
+        grad_q[:, r0:r0 + row_tile] = scale * (dq - q * dq_rowsum)
+    grad_k.mul_(scale)
+    return grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype)
+
+
+@_gaussian_attention_backward_op.register_fake
+def _(grad_out, queries, keys, values, key_mask, query_bias, key_bias, scale):
+    return torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(values)
+
+
+def _gaussian_attention_setup(ctx, inputs, output):
+    queries, keys, values, key_mask, scale, _ = inputs
+    _, query_bias, key_bias = output
+    ctx.save_for_backward(queries, keys, values, key_mask, query_bias, key_bias)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(query_bias, key_bias)
+
+
+def _gaussian_attention_backward(ctx, grad_out, *_unused_grads):
+    with torch.no_grad(), without_autocast(grad_out.device):
+        grads = _gaussian_attention_backward_op(grad_out, *ctx.saved_tensors, ctx.scale)
+    return *first_order_only("torch", grads, (grad_out, *ctx.saved_tensors)), None, None, None
+
+
+_gaussian_attention_op.register_autograd(_gaussian_attention_backward, setup_context=_gaussian_attention_setup)
+
+
+class _LandmarkGram(torch.autograd.Function):
+    """M = kappa(L, L), (b, H, m, m), with its closed-form backward (skyformer-math.md): H = (dM + dM^T) * M,
+    dL = scale (H L - L * rowsum(H)); a node of its own so that, like every node of this path, its backward
+    runs without autocast and refuses double backward."""
 
     @staticmethod
-    def forward(ctx, queries, keys, values, key_mask, scale, out_dtype):
-        cdtype = _checks.compute_dtype(queries.dtype)
-        bk, n_rows, _ = queries.shape
-        row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
-        query_bias, key_bias = _norm_bias(queries, scale, cdtype), _norm_bias(keys, scale, cdtype)
-        out = torch.empty(bk, n_rows, values.shape[-1], dtype=out_dtype, device=queries.device)
-        scratch = dict(dtype=cdtype, device=queries.device)
-        tile_buffer = torch.empty(bk * row_tile * col_tile, **scratch)
-        # With all keys in one block (the query apply: keys are the m landmarks) it is prepared once.
-        one_block = None
-        if keys.shape[1] <= col_tile:
-            one_block = next(_key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile), None)
-        for r0 in range(0, n_rows, row_tile):
-            q = queries[:, r0:r0 + row_tile].to(cdtype)
-            q_bias = query_bias[:, r0:r0 + row_tile]
-            if one_block is not None:
-                _, _, k, k_bias, v, keep = one_block
-                out[:, r0:r0 + row_tile] = torch.bmm(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
-                continue
-            acc = torch.zeros(bk, q.shape[1], values.shape[-1], **scratch)
-            for _, _, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
-                acc.baddbmm_(_kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer), v)
-            out[:, r0:r0 + row_tile] = acc
-        ctx.save_for_backward(queries, keys, values, key_mask, query_bias, key_bias)
+    def forward(ctx, landmarks, scale):
+        gram = reference.landmark_gram(landmarks, scale)
+        ctx.save_for_backward(landmarks, gram)
         ctx.scale = scale
-        return out
+        return gram
 
     @staticmethod
-    def backward(ctx, grad_out):
-        queries, keys, values, key_mask, query_bias, key_bias = ctx.saved_tensors
-        scale = ctx.scale
-        cdtype = _checks.compute_dtype(queries.dtype)
-        bk, n_rows, _ = queries.shape
-        row_tile, col_tile = _tile_sizes(bk, n_rows, keys.shape[1])
-        tile_buffer = torch.empty(bk * row_tile * col_tile, dtype=cdtype, device=queries.device)
-        grad_q = torch.empty(queries.shape, dtype=cdtype, device=queries.device)
-        grad_k = torch.zeros(keys.shape, dtype=cdtype, device=keys.device)
-        grad_v = torch.zeros(values.shape, dtype=cdtype, device=values.device)
-        for r0 in range(0, n_rows, row_tile):
-            q = queries[:, r0:r0 + row_tile].to(cdtype)
-            q_bias = query_bias[:, r0:r0 + row_tile]
-            d_out = grad_out[:, r0:r0 + row_tile].to(cdtype)
-            dq = torch.zeros_like(q)
-            dq_rowsum = torch.zeros(bk, q.shape[1], 1, dtype=cdtype, device=q.device)
-            for c0, c1, k, k_bias, v, keep in _key_blocks(keys, key_bias, values, key_mask, cdtype, col_tile):
-                kernel = _kernel_tile(q, q_bias, k, k_bias, keep, scale, tile_buffer)
-                # The column slices of grad_k/grad_v are strided across the batch, where an in-place
-                # baddbmm_ falls back to one matmul per batch entry: multiply batched, then add.
-                grad_v[:, c0:c1] += torch.bmm(kernel.transpose(1, 2), d_out)
-                # dS = (dO V^T) * kappa, then the Gaussian's chain rule on both sides.
-                d_score = torch.bmm(d_out, v.transpose(1, 2)).mul_(kernel)
-                dq.baddbmm_(d_score, k)
-                dq_rowsum += d_score.sum(-1, keepdim=True)
-                grad_k[:, c0:c1] += torch.bmm(d_score.transpose(1, 2), q).sub_(k * d_score.sum(1).unsqueeze(-1))
-            grad_q[:, r0:r0 + row_tile] = scale * (dq - q * dq_rowsum)
-        grad_k.mul_(scale)
-        return (grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype), None, None, None)
+    @backward_without_graph("torch")
+    def backward(ctx, grad_gram):
+        landmarks, gram = ctx.saved_tensors
+        weights = (grad_gram + grad_gram.transpose(-1, -2)) * gram
+        return ctx.scale * (weights @ landmarks - landmarks * weights.sum(-1, keepdim=True)), None
 
 
 def gaussian_attention(queries, keys, values, key_mask, scale: float, out_dtype=None) -> torch.Tensor:
@@ -168,9 +227,9 @@ def gaussian_attention(queries, keys, values, key_mask, scale: float, out_dtype=
     mask3 = None
     if key_mask is not None:
         mask3 = key_mask.repeat_interleave(kv_heads, dim=0) if kv_heads > 1 else key_mask
-    out = _GaussianAttention.apply(
+    out, _, _ = _gaussian_attention_op(
         _grouped(queries, kv_heads), keys.reshape(batch * kv_heads, keys.shape[2], keys.shape[3]),
-        values.reshape(batch * kv_heads, values.shape[2], values.shape[3]), mask3, scale,
+        values.reshape(batch * kv_heads, values.shape[2], values.shape[3]), mask3, float(scale),
         out_dtype or queries.dtype)
     return _ungrouped(out, batch, heads)
 
@@ -182,8 +241,9 @@ def kernelized_attention(q, k, v, attn_mask, scale: float) -> torch.Tensor:
 def skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters, scale) -> torch.Tensor:
     """Landmarks -> Gram -> landmark solve -> key summary -> query apply, evaluated right to left."""
     cdtype = _checks.compute_dtype(q.dtype)
-    landmarks = gather_landmarks(q, k, landmark_indices).to(cdtype)
-    gram = reference.landmark_gram(landmarks, scale)
+    landmarks = gather_landmarks(q, k, landmark_indices, attn_mask).to(cdtype)
+    gram = _LandmarkGram.apply(landmarks, scale)
     summary = gaussian_attention(landmarks, k, v, attn_mask, scale, out_dtype=cdtype)
     landmark_values = solve.landmark_solve(gram, summary, ridge, inverse, ns_iters)
     return gaussian_attention(q, landmarks, landmark_values, None, scale, out_dtype=q.dtype)
+

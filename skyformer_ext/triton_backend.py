@@ -28,6 +28,8 @@ from torch import Tensor
 from triton_kernels import key_summary, kernelized, landmark_solve, query_apply
 from triton_kernels import landmarks as landmark_stage
 
+from ._amp import AUTOCAST_DEVICES, autocast_inputs, without_autocast
+from ._autograd import first_order_only
 from ._stages import stage
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -127,8 +129,8 @@ def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
         grad_k, grad_v, grad_landmarks_keys = key_summary.backward(grad_summary, grad_summary_factor, k, v,
                                                                    landmarks, key_mask, scale, deterministic)
     with stage("landmarks"):
-        landmark_stage.backward_into(grad_q, grad_k, indices, grad_landmarks_queries, grad_landmarks_keys,
-                                     grad_landmarks_solve)
+        landmark_stage.backward_into(grad_q, grad_k, indices, key_mask, grad_landmarks_queries,
+                                     grad_landmarks_keys, grad_landmarks_solve)
     return grad_q, grad_k, grad_v
 
 
@@ -148,8 +150,9 @@ def _skyformer_setup(ctx, inputs, output):
 
 
 def _skyformer_backward(ctx, grad_out, *_unused_grads):
-    grads = skyformer_attention_backward(grad_out, *ctx.saved_tensors, *ctx.options)
-    return *grads, *(None,) * 9
+    with torch.no_grad(), without_autocast(grad_out.device):
+        grads = skyformer_attention_backward(grad_out, *ctx.saved_tensors, *ctx.options)
+    return *first_order_only("triton", grads, (grad_out, *ctx.saved_tensors)), *(None,) * 9
 
 
 skyformer_attention_op.register_autograd(_skyformer_backward, setup_context=_skyformer_setup)
@@ -182,10 +185,36 @@ def _(grad_out, q, k, v, key_mask, scale, deterministic):
 
 def _ka_backward(ctx, grad_out):
     q, k, v, key_mask = ctx.saved_tensors
-    return *kernelized_attention_backward(grad_out, q, k, v, key_mask, *ctx.options), None, *_no_grads(ctx)
+    with torch.no_grad(), without_autocast(grad_out.device):
+        grads = kernelized_attention_backward(grad_out, q, k, v, key_mask, *ctx.options)
+    return *first_order_only("triton", grads, (grad_out, q, k, v)), None, *_no_grads(ctx)
 
 
 kernelized_attention_op.register_autograd(_ka_backward, setup_context=_save_inputs_and_options)
+
+
+# ---- autocast: the policy of skyformer_ext._amp for direct calls of the ops --------------------------------
+
+_autocast_library = torch.library.Library("skyformer_ext", "IMPL")
+AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _register_autocast(name: str) -> None:
+    """float32 tensor arguments -> the region's dtype (read at call time: torch.library.register_autocast
+    fixes one dtype at registration), then the op itself with autocast off. The API casts before calling, so
+    this serves code that calls torch.ops.skyformer_ext.* directly."""
+    op = getattr(torch.ops.skyformer_ext, name).default
+    for device_type in AUTOCAST_DEVICES:
+        def autocast_kernel(*args, device_type=device_type):
+            cast = [autocast_inputs(a)[0] if isinstance(a, Tensor) and a.device.type == device_type else a
+                    for a in args]
+            with without_autocast(torch.device(device_type)):
+                return op(*cast)
+        _autocast_library.impl(name, autocast_kernel, AUTOCAST_KEYS[device_type])
+
+
+for _name in ("skyformer_attention", "kernelized_attention"):
+    _register_autocast(_name)
 
 
 # ---- entry points used by api.py -----------------------------------------------------------------------

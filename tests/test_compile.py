@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
+from skyformer_ext import skyformer_attention
 from skyformer_ext.nn import ATTENTIONS, SkyformerAttention
 
 from conftest import max_error
@@ -45,3 +46,53 @@ def test_compiled_module_matches_eager(attention, device):
         assert max_error(got[1], want[1]) < 1e-4, f"x.grad, training={training}"
         for name, grad in want[2].items():
             assert max_error(got[2][name], grad) < 1e-4 * max(1.0, grad.abs().max().item()), name
+
+
+BACKENDS = ["torch", "reference", "triton"]
+
+
+def _functional_run(fn, q, k, v, mask, idx, seed):
+    torch.manual_seed(seed)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves, mask, idx)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), *(x.grad for x in leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_call_follows_changing_sequence_lengths(backend, dynamic, compiler):
+    """A new sequence length recompiles (dynamic=None: then with symbolic sizes) or reuses the symbolic graph
+    (dynamic=True): random landmarks (drawn from eager's generator even when compiled) and given
+    landmark_indices, forward and backward, equal to eager. fullgraph=True: no graph break on any backend.
+    CI traces with dynamo and AOTAutograd (aot_eager, where symbolic sizes meet the code); inductor's code
+    generation on top takes minutes on two cores and runs with `make test-slow`."""
+    torch._dynamo.reset()
+
+    def attention(q, k, v, mask, idx):
+        if idx is None:
+            return skyformer_attention(q, k, v, num_landmarks=8, attn_mask=mask, backend=backend, ns_iters=2)
+        return skyformer_attention(q, k, v, landmark_indices=idx, attn_mask=mask, backend=backend, ns_iters=2)
+
+    compiled = torch.compile(attention, dynamic=dynamic, fullgraph=True, backend=compiler)
+    for n in (17, 29, 40):
+        q, k, v = (torch.randn(2, 1, n, 16) for _ in range(3))  # few heads: the interpreter is slow
+        mask = torch.arange(n)[None, :] < torch.tensor([n, n - 5])[:, None]
+        for idx in (None, torch.tensor([[0, 3, n, n + 2], [1, 2, n + 1, n + 7]])):
+            got = _functional_run(compiled, q, k, v, mask, idx, seed=n)
+            want = _functional_run(attention, q, k, v, mask, idx, seed=n)
+            for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+                assert max_error(a, b) < 1e-5 * max(1.0, b.abs().max().item()), (n, idx is None, name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_module_eval_follows_changing_sequence_lengths(backend):
+    torch._dynamo.reset()
+    module = SkyformerAttention(32, 2, num_landmarks=8, backend=backend).eval()
+    compiled = torch.compile(module, dynamic=True)
+    for n in (17, 29):
+        x = torch.randn(2, n, 32)
+        pad = torch.arange(n)[None, :] >= torch.tensor([n, n - 4])[:, None]
+        with torch.no_grad():
+            assert max_error(compiled(x, key_padding_mask=pad), module(x, key_padding_mask=pad)) < 1e-5

@@ -188,17 +188,17 @@ def test_landmark_stage_matches_sample_and_gather(batch, heads, kv_heads, n_q, n
     for given, chosen_draws in ((None, draws), (expected, None)):
         rows, indices = landmark_stage.forward(q, k, mask, m, given, chosen_draws)
         assert torch.equal(indices, expected)
-        assert torch.equal(rows, gather_landmarks(q, k, expected))
+        assert torch.equal(rows, gather_landmarks(q, k, expected, mask))  # zero rows for a row without keys
 
     parts = [torch.randn(2, batch, heads, m, p), torch.randn(3, batch, heads, m, p), torch.randn(batch, heads, m, p)]
     grad_q, grad_k = torch.randn_like(q, dtype=torch.float32), torch.randn_like(k, dtype=torch.float32)
     leaves = [q.double().requires_grad_(), k.double().requires_grad_()]
-    gather_landmarks(*leaves, expected).backward(parts[0].sum(0) + parts[1].sum(0) + parts[2])
+    gather_landmarks(*leaves, expected, mask).backward(parts[0].sum(0) + parts[1].sum(0) + parts[2])
     scattered = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]  # no queries: no q grad
     truth = [grad_q.double() + scattered[0], grad_k.double() + scattered[1]]
     grad_q, grad_k = grad_q.to(dtype), grad_k.to(dtype)
     base = [grad_q.double() + scattered[0], grad_k.double() + scattered[1]]
-    landmark_stage.backward_into(grad_q, grad_k, indices, *parts)
+    landmark_stage.backward_into(grad_q, grad_k, indices, mask, *parts)
     for got, t, b, name in zip((grad_q, grad_k), truth, base, ("dq", "dk")):
         tolerance = 1e-5 if dtype == torch.float32 else 2 * max_error(b.to(dtype), t) + 1e-6
         assert max_error(got, t) <= tolerance * (1 + max_error(t, torch.zeros_like(t))), name

@@ -53,6 +53,7 @@ class Launch:
     # Specialised integer arguments whose runtime value picks the compiled variant: ((name, value), ...) with
     # 1 (compiled as the constant 1) or None (any other value: no divisibility hint).
     int_values: tuple = ()
+    maxnreg: int | None = None  # ptxas register cap (the kernel's launch option), None: Triton's default
 
     def describe(self) -> str:
         blocks = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in self.constexprs if "BLOCK" in k)
@@ -64,7 +65,8 @@ class Launch:
                         if dict(self.constexprs).get(name))
         source = f" source={dict(self.constexprs)['SOURCE']}" if "SOURCE" in dict(self.constexprs) else ""
         ints = "".join(f" {name}={'*' if value is None else value}" for name, value in self.int_values)
-        return (f"{self.dtype} {blocks} w{self.num_warps}s{self.num_stages}" + (f" {precision}" if precision else "")
+        registers = f"r{self.maxnreg}" if self.maxnreg else ""
+        return (f"{self.dtype} {blocks} w{self.num_warps}s{self.num_stages}{registers}" + (f" {precision}" if precision else "")
                 + flags + source + ints + (f" [{wide}]" if wide else ""))
 
 
@@ -144,8 +146,9 @@ def _landmark_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
         for query_splits in (1, None):
             for key_splits in (1, None):
                 launches.append(Launch("landmark_grad_scatter_kernel", "landmarks", dtype, pointers,
-                                       (("BLOCK_D", block_d),), 4, 3, "landmarks",
-                                       (("n_q", None), ("query_splits", query_splits), ("key_splits", key_splits))))
+                                       (("BLOCK_D", block_d), ("BLOCK_N", lm.SCATTER_MASK_BLOCK)), 4, 3,
+                                       "landmarks", (("n_q", None), ("n_k", None), ("query_splits", query_splits),
+                                                     ("key_splits", key_splits)), lm.SCATTER_MAX_REGISTERS))
     return launches
 
 
@@ -178,7 +181,7 @@ def _solve_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
                           ("GRAM_PRECISION", cfg["GRAM_PRECISION"]))
                 launches[(kernel, consts, cfg["num_warps"], cfg["num_stages"])] = Launch(
                     kernel, "solve", dtype, kernel_pointers, consts, cfg["num_warps"], cfg["num_stages"],
-                    "landmark_solve")
+                    "landmark_solve", maxnreg=cfg["maxnreg"])
     return list(launches.values())
 
 
@@ -253,7 +256,8 @@ def compile_one(job: tuple[Launch, int]) -> dict:
     from triton.backends.compiler import GPUTarget
 
     compiled = triton.compile(_source(launch), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages,
+                                           **({"maxnreg": launch.maxnreg} if launch.maxnreg else {})))
     registers, spills = _ptxas_usage(compiled.asm["ptx"], arch)
     shared = int(compiled.metadata.shared)
     return dict(kernel=launch.kernel, stage=launch.stage, config=launch.describe(), arch=arch,

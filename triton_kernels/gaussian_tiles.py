@@ -88,18 +88,20 @@ def _half_norm_scaled(tile, scale_log2):
 
 @triton.jit
 def _load_tile_with_half_norm(base, row0, n_rows, stride_row, stride_col, n_cols, scale_log2,
-                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, UPCAST: tl.constexpr):
-    """(tile, its scaled half row norms): the operand of a kappa tile."""
-    tile = _load_tile(base, row0, n_rows, stride_row, stride_col, n_cols, BLOCK_ROWS, BLOCK_COLS, UPCAST)
+                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, UPCAST: tl.constexpr,
+                              row_keep=None):
+    """(tile, its scaled half row norms): the operand of a kappa tile (rows where row_keep is False load as 0)."""
+    tile = _load_tile(base, row0, n_rows, stride_row, stride_col, n_cols, BLOCK_ROWS, BLOCK_COLS, UPCAST, row_keep)
     return tile, _half_norm_scaled(tile, scale_log2)
 
 
 @triton.jit
 def _kappa_tile(a, a_half_norm, b, b_half_norm, scale_log2, PRECISION: tl.constexpr):
-    """kappa(a_i, b_j) for a (R, D) and b (C, D) tile: exp2(scale*log2e*(a.b) - norms), clamped to <= 1."""
+    """kappa(a_i, b_j) for a (R, D) and b (C, D) tile: exp2(scale*log2e*(a.b) - norms), clamped to <= 1.
+    The clamp keeps NaN (a GPU's plain min() returns the other operand): NaN in a row gives NaN kappa."""
     dots = tl.dot(a, tl.trans(b), input_precision=PRECISION)
     exponent = scale_log2 * dots - a_half_norm[:, None] - b_half_norm[None, :]
-    return tl.exp2(tl.minimum(exponent, 0.0))
+    return tl.exp2(tl.minimum(exponent, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -146,14 +148,17 @@ def _row_program_start(X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, 
 @triton.jit
 def _masked_key_tile(x, x_half, y_base, v_base, mask_base, stride_mask, key0, key_stop, n_keys, sy_r, sy_d,
                      sv_r, sv_d, dim, dim_v, has_mask, scale_log2, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     ZERO_PADDED_KEYS: tl.constexpr = False):
     """(y, kappa(x, y), v) for the key tile at key0 of a row program's key loop: kappa is 0 on keys past
-    key_stop or masked out, and those value rows load as 0 so that NaN/inf stored under padding cannot
-    leak into a sum."""
+    key_stop or masked out, and those value rows (and, if ZERO_PADDED_KEYS, key rows: the backward multiplies
+    them) load as 0 so that NaN/inf stored under padding cannot leak into a sum (0 * NaN is NaN)."""
     keep = _key_keep(mask_base, stride_mask, key0, key_stop, has_mask, BLOCK_K)
     y, y_half = _load_tile_with_half_norm(y_base, key0, n_keys, sy_r, sy_d, dim, scale_log2, BLOCK_K, BLOCK_D,
                                           UPCAST)
     kappa = tl.where(keep[None, :], _kappa_tile(x, x_half, y, y_half, scale_log2, PRECISION), 0.0)
+    if ZERO_PADDED_KEYS:
+        y = tl.where(keep[:, None], y, 0.0)
     v = _load_tile(v_base, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV, UPCAST, keep)
     return y, kappa, v
 
@@ -243,7 +248,7 @@ def gaussian_attention_bwd_rows_kernel(
     for key0 in range(key_start, key_stop, BLOCK_K):
         y, kappa, v = _masked_key_tile(x, x_half, y_base, v_base, mask_base, sm_r, key0, key_stop,
                                        n_keys, sy_r, sy_d, sv_r, sv_d, dim, dim_v, has_mask, scale_log2,
-                                       BLOCK_K, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
+                                       BLOCK_K, BLOCK_D, BLOCK_DV, UPCAST, PRECISION, True)
         d_score = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION) * kappa
         acc, row_sum = _accumulate_score_grad(acc, row_sum, d_score, y, PRECISION)
 
@@ -266,8 +271,9 @@ def gaussian_attention_bwd_keys_kernel(
     key0 = pid_k * BLOCK_K
 
     keep = _key_keep(MASK + batch * sm_b, sm_r, key0, n_keys, has_mask, BLOCK_K)
+    # Padded key and value rows load as 0: garbage there must not reach any gradient.
     y, y_half = _load_tile_with_half_norm(Y + batch * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r, sy_d, dim,
-                                          scale_log2, BLOCK_K, BLOCK_D, UPCAST)
+                                          scale_log2, BLOCK_K, BLOCK_D, UPCAST, keep)
     v = _load_tile(V + batch * sv_b + kv_head.to(tl.int64) * sv_h, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV,
                    UPCAST, keep)
 

@@ -5,7 +5,8 @@ csrc/generic.cpp; the Cholesky policy that of skyformer_ext.solve).
 
 A program per (batch, head) matrix runs the whole solve: the Gram M (the kappa tile of gaussian_tiles),
 A = M + ridge I, d = rowsum(A)^-1/2, N = D A D, V0 = N^T / max_j colsum_j(N), ns_iters updates
-V <- 1/4 V (13I - X(15I - X(7I - X))) with X = N V, then Y = D V D Z, where Z is the key summary, given as
+V <- 1/4 V (13I - X(15I - X(7I - X))) with X = N V (all four products symmetric: polynomials in N, computed as
+their upper tiles and mirrored), then Y = D V D Z, where Z is the key summary, given as
 float32 split partials (S, b, H, m, p_v) that the kernel adds on load in the order s = 0..S-1 (deterministic).
 
 Kernels:
@@ -44,6 +45,9 @@ RUNTIME_INTS = (*gaussian_tiles.RUNTIME_INTS, "splits", "ns_iters")
 MAX_LANDMARKS = 256
 MAX_HEAD_DIM = 256
 M_PADS = (16, 32, 64, 128, 256)  # landmark-count buckets: next power of two of m, at least 16
+# A launch has one program per (batch, head) matrix, about one per SM, so occupancy buys nothing: let ptxas use
+# every register. Its default target for these call-heavy kernels (168) spilled in many configs (compile_check).
+MAX_REGISTERS = 255
 
 
 _kernel = gaussian_tiles.kernel_with_runtime_ints(RUNTIME_INTS)
@@ -56,19 +60,21 @@ _kernel = gaussian_tiles.kernel_with_runtime_ints(RUNTIME_INTS)
 @triton.jit(noinline=True)
 def _product(C, sc_r, sc_c, A, sa_r, sa_c, B, sb_r, sb_c, n_rows, n_inner, n_cols, alpha, accumulate, ROW_SCALE,
              BLOCK: tl.constexpr, PRECISION: tl.constexpr, A_SHIFT: tl.constexpr = 0.0,
-             ROW_SCALED: tl.constexpr = False):
+             ROW_SCALED: tl.constexpr = False, SYMMETRIC: tl.constexpr = False):
     """C = alpha * A @ B + A_SHIFT * A [+ C when accumulate != 0] [rows scaled by ROW_SCALE], which is
     alpha * A @ (B + A_SHIFT / alpha * I): the iteration's A @ (cI - B) without forming cI - B.
 
     Operands are float32 strided matrices (a transpose is the swapped strides; A is square when A_SHIFT is
-    used); C must not alias A or B. Returns max|C| over the written elements.
+    used); C must not alias A or B. Returns max|C| over the written elements. SYMMETRIC (square C known to be
+    symmetric: A and B commuting symmetric matrices): computes the tiles on and above the diagonal and writes
+    each off-diagonal one also to its mirror, (T + 1) / 2T of the work for T x T tiles.
     """
     offsets = tl.arange(0, BLOCK)
     keep_old = (offsets * 0 + accumulate) != 0
     amax = 0.0
     for row0 in range(0, n_rows, BLOCK):
         row_in = (row0 + offsets < n_rows)[:, None]
-        for col0 in range(0, n_cols, BLOCK):
+        for col0 in range(row0 if SYMMETRIC else 0, n_cols, BLOCK):
             col_in = (col0 + offsets < n_cols)[None, :]
             a_tile = A + (row0 + offsets)[:, None] * sa_r + offsets[None, :] * sa_c
             b_tile = B + offsets[:, None] * sb_r + (col0 + offsets)[None, :] * sb_c
@@ -89,6 +95,9 @@ def _product(C, sc_r, sc_c, A, sa_r, sa_c, B, sb_r, sb_c, n_rows, n_inner, n_col
             out += _load_tile(C, row0, n_rows, sc_r, sc_c, n_cols - col0, BLOCK, BLOCK, False, keep_old, col0)
             amax = tl.maximum(amax, tl.max(tl.abs(out)))
             _write_tile(C, out, row0, n_rows, sc_r, sc_c, n_cols, BLOCK, BLOCK, False, col0)
+            if SYMMETRIC:
+                if col0 != row0:  # the diagonal tile is written once: its mirror would race with it
+                    _write_tile(C, out, row0, n_rows, sc_c, sc_r, n_cols, BLOCK, BLOCK, False, col0)
     return amax
 
 
@@ -218,13 +227,15 @@ def _newton_schulz_forward(L, sl_r, sl_d, m, dim, scale_log2, ridge, ns_iters, W
         X = WS + (1 + iterate_slots + 3 * (k % product_slots)) * size
         XT1 = X + size
         XT2 = X + 2 * size
-        _product(X, ld, 1, N, ld, 1, V, ld, 1, m, m, m, 1.0, 0, D_VEC, BLOCK, PRECISION)
+        # N is symmetric and every iterate a polynomial in N, so all four products are symmetric.
+        _product(X, ld, 1, N, ld, 1, V, ld, 1, m, m, m, 1.0, 0, D_VEC, BLOCK, PRECISION, SYMMETRIC=True)
         tl.debug_barrier()
-        _product(XT1, ld, 1, X, ld, 1, X, ld, 1, m, m, m, -1.0, 0, D_VEC, BLOCK, PRECISION, 7.0)
+        _product(XT1, ld, 1, X, ld, 1, X, ld, 1, m, m, m, -1.0, 0, D_VEC, BLOCK, PRECISION, 7.0, SYMMETRIC=True)
         tl.debug_barrier()
-        _product(XT2, ld, 1, X, ld, 1, XT1, ld, 1, m, m, m, -1.0, 0, D_VEC, BLOCK, PRECISION, 15.0)
+        _product(XT2, ld, 1, X, ld, 1, XT1, ld, 1, m, m, m, -1.0, 0, D_VEC, BLOCK, PRECISION, 15.0, SYMMETRIC=True)
         tl.debug_barrier()
-        _product(V_next, ld, 1, V, ld, 1, XT2, ld, 1, m, m, m, -0.25, 0, D_VEC, BLOCK, PRECISION, 3.25)
+        _product(V_next, ld, 1, V, ld, 1, XT2, ld, 1, m, m, m, -0.25, 0, D_VEC, BLOCK, PRECISION, 3.25,
+                 SYMMETRIC=True)
         tl.debug_barrier()
     return step
 
@@ -640,12 +651,11 @@ def cholesky_bwd_kernel(
 # ---- launch configuration -----------------------------------------------------------------------------
 
 def solve_precision(dtype: torch.dtype) -> str:
-    """The iteration's float32 dot precision for inputs of this dtype: "tf32x3" (~float32 accuracy) for all.
-    For bfloat16, plain "tf32" (~3x cheaper) would be accurate enough (its ~1e-3 relative error in W adds
-    under a quarter of what bfloat16 rounding already costs the output; float16 / float32 it would not:
-    tests/test_solve_precision.py emulates TF32 rounding to show both), but its compiled variants spill
-    (ptxas, sm_80 / sm_90; compile_check): an open item."""
-    return "tf32x3"
+    """The iteration's float32 dot precision for inputs of this dtype. bfloat16: plain "tf32", ~3x cheaper than
+    tf32x3; its ~1e-3 relative error in W adds under a quarter of what bfloat16 rounding already costs the
+    output and the gradients. float16 / float32: "tf32x3" (~float32 accuracy), since TF32 would eat most of
+    their 2x error budget (tests/test_solve_precision.py emulates TF32 rounding to show both)."""
+    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
 
 
 def solve_config(m: int, dim: int, dtype: torch.dtype) -> dict:
@@ -658,12 +668,14 @@ def solve_config(m: int, dim: int, dtype: torch.dtype) -> dict:
     where 32 would spill (compile_check). PRECISION (the iteration's float32 dots, m^3 * iters FLOPs, the
     solve's whole cost): ``solve_precision``; tf32x3 is ~float32 accuracy on tensor cores at ~3x plain tf32
     ("Cost of the landmark solve" in skyformer-math.md: ~80 us vs ~190 us with "ieee", ~26 us tf32, for
-    b*H = 128, m = 128, 6 iterations). GRAM_PRECISION (kappa's L L^T, the backward's H @ L;
+    b*H = 128, m = 128, 6 iterations; the iteration's products are symmetric and computed as upper tiles,
+    which saves another ~3/8 at m = 128). GRAM_PRECISION (kappa's L L^T, the backward's H @ L;
     m^2 p FLOPs): tf32x3, "ieee" at float32 head dim 256 where tf32x3 tiles spill.
     """
     block_d = head_block(dim, dim)
     return dict(M_PAD=max(16, triton.next_power_of_2(m)), BLOCK=32, GRAM_BLOCK=16 if block_d >= 128 else 32,
-                BLOCK_D=block_d, num_warps=8 if block_d == 256 else 4, num_stages=1, PRECISION=solve_precision(dtype),
+                BLOCK_D=block_d, num_warps=8 if block_d == 256 else 4, num_stages=1, maxnreg=MAX_REGISTERS,
+                PRECISION=solve_precision(dtype),
                 GRAM_PRECISION="ieee" if dtype == torch.float32 and block_d == 256 else "tf32x3")
 
 
@@ -701,7 +713,8 @@ def _launch_args(landmarks: torch.Tensor, dim_v: int, cfg: dict, layout: dict):
     sizes = (m, heads, dim, dim_v)
     meta = dict(BLOCK=cfg["BLOCK"], GRAM_BLOCK=cfg["GRAM_BLOCK"], BLOCK_D=cfg["BLOCK_D"],
                 UPCAST=INTERPRETER and landmarks.dtype == torch.bfloat16, PRECISION=cfg["PRECISION"],
-                GRAM_PRECISION=cfg["GRAM_PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                GRAM_PRECISION=cfg["GRAM_PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                maxnreg=cfg["maxnreg"])
     return workspace, sizes, meta
 
 

@@ -9,6 +9,9 @@ Without a key mask the rank is the row; with one, the program walks the mask in 
 with a cumulative sum (O(m * n / BLOCK_N) vector steps, no sort, no host sync). Same draws -> same indices as
 the torch path, bit for bit.
 
+A batch row with no valid key gets zero landmark rows (``skyformer_ext.landmarks.gather_landmarks``' rule) and
+no landmark gradient.
+
 Backward, one launch (``landmark_grad_scatter_kernel``, a program per (batch, kv head)): dL arrives in three
 parts — split partials from the query apply and from the key summary, and the landmark solve's Gram term —
 which the program adds on load and scatter-adds into dq (query landmarks) and dk (key landmarks, summed over
@@ -27,6 +30,9 @@ from .gaussian_tiles import _kernel, _mask_args
 # Where landmark indices come from (the SOURCE constexpr): constexpr globals, so compiled kernels may read them.
 SOURCE_GIVEN, SOURCE_DRAWS, SOURCE_STRIDED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 MAX_LANDMARKS = 1024  # the index vectors live in registers: BLOCK_M = next power of two of m
+SCATTER_MASK_BLOCK = 128  # mask entries per step of the scatter's valid-key count
+# Without a register hint ptxas gave the scatter 32 registers and spilled (sm_90, compile_check); it needs ~47.
+SCATTER_MAX_REGISTERS = 64
 
 
 def rows_config(block_m: int) -> dict:
@@ -38,7 +44,19 @@ def rows_config(block_m: int) -> dict:
 
 
 @triton.jit
-def _landmark_rows(DRAWS, INDICES_IN, mask_base, stride_mask, n_q, n_k, m, m_queries, has_mask,
+def _valid_key_count(mask_base, stride_mask, n_k, has_mask, BLOCK_N: tl.constexpr):
+    """The number of valid keys of a batch row (n_k without a mask): a walk over its mask in blocks."""
+    walked_keys = n_k * has_mask
+    valid_keys = n_k * 0
+    for key0 in range(0, walked_keys, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        keep = tl.load(mask_base + keys.to(tl.int64) * stride_mask, mask=keys < n_k, other=0)
+        valid_keys += tl.sum((keep != 0).to(tl.int32), axis=0)
+    return tl.where(has_mask != 0, valid_keys, n_k)
+
+
+@triton.jit
+def _landmark_rows(DRAWS, INDICES_IN, mask_base, stride_mask, n_q, n_k, m, m_queries, has_mask, valid_keys,
                    SOURCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row indices into [q; k] of the m landmark slots (int64, BLOCK_M of them; slots >= m are 0)."""
     slots = tl.arange(0, BLOCK_M)
@@ -53,13 +71,8 @@ def _landmark_rows(DRAWS, INDICES_IN, mask_base, stride_mask, n_q, n_k, m, m_que
         local = tl.where(is_key, slots - m_queries, slots)
         draws = (local.to(tl.float64) + 0.5) / tl.maximum(count, 1).to(tl.float64)
     # The key mask marks the valid keys, and the valid queries too when n_q == n_k (self-attention); a batch
-    # row with no valid key treats every row as valid. Without a mask the walks cover no key.
+    # row with no valid key treats every row as valid. Without a mask the walk covers no key.
     walked_keys = n_k * has_mask
-    valid_keys = n_k * 0
-    for key0 in range(0, walked_keys, BLOCK_N):
-        keys = key0 + tl.arange(0, BLOCK_N)
-        keep = tl.load(mask_base + keys.to(tl.int64) * stride_mask, mask=keys < n_k, other=0)
-        valid_keys += tl.sum((keep != 0).to(tl.int32), axis=0)
     walks_mask = (has_mask != 0) & (valid_keys > 0) & (is_key | (n_q == n_k))
     n_valid = tl.where(walks_mask, valid_keys, tl.where(is_key, n_k, n_q)).to(tl.int64)
     rank = tl.minimum((draws * n_valid.to(tl.float64)).to(tl.int64), n_valid - 1)
@@ -83,14 +96,18 @@ def landmark_rows_kernel(Q, K, MASK, DRAWS, INDICES_IN, INDICES_OUT, L,
                          BLOCK_D: tl.constexpr):
     pid_b, head = tl.program_id(0), tl.program_id(1)
     batch = pid_b.to(tl.int64)
+    valid_keys = _valid_key_count(MASK + batch * sm_b, sm_r, n_k, has_mask, BLOCK_N)
     indices = _landmark_rows(DRAWS + batch * sdraw_b, INDICES_IN + batch * sidx_b, MASK + batch * sm_b, sm_r,
-                             n_q, n_k, m, m_queries, has_mask, SOURCE, BLOCK_M, BLOCK_N)
+                             n_q, n_k, m, m_queries, has_mask, valid_keys, SOURCE, BLOCK_M, BLOCK_N)
     slots = tl.arange(0, BLOCK_M)
     in_range = slots < m
     if head == 0:  # the backward's scatter needs them; every head of a batch row has the same ones
         tl.store(INDICES_OUT + batch * sout_b + slots, indices, mask=in_range)
-    from_q = in_range & (indices < n_q)
-    from_k = in_range & (indices >= n_q)
+    # A batch row with no valid key gets zero landmark rows (gather_landmarks' rule): its padding may hold
+    # anything, and its output is zero whatever the landmarks are.
+    gathered = in_range & (valid_keys > 0)
+    from_q = gathered & (indices < n_q)
+    from_k = gathered & (indices >= n_q)
     q_rows = Q + batch * sq_b + head.to(tl.int64) * sq_h + tl.where(from_q, indices, 0)[:, None] * sq_r
     k_rows = (K + batch * sk_b + (head // group).to(tl.int64) * sk_h
               + tl.where(from_k, indices - n_q, 0)[:, None] * sk_r)
@@ -98,23 +115,26 @@ def landmark_rows_kernel(Q, K, MASK, DRAWS, INDICES_IN, INDICES_OUT, L,
     for col0 in range(0, dim, BLOCK_D):
         cols = col0 + tl.arange(0, BLOCK_D)
         inside = cols[None, :] < dim
-        rows = tl.where(from_q[:, None], tl.load(q_rows + cols[None, :] * sq_d, mask=from_q[:, None] & inside),
-                        tl.load(k_rows + cols[None, :] * sk_d, mask=from_k[:, None] & inside))
+        rows = tl.where(from_q[:, None],
+                        tl.load(q_rows + cols[None, :] * sq_d, mask=from_q[:, None] & inside, other=0.0),
+                        tl.load(k_rows + cols[None, :] * sk_d, mask=from_k[:, None] & inside, other=0.0))
         tl.store(l_rows + cols[None, :] * sl_d, rows, mask=in_range[:, None] & inside)
 
 
 @_kernel
-def landmark_grad_scatter_kernel(INDICES, GRAD_QA, GRAD_KS, GRAD_SOLVE, GRAD_Q, GRAD_K,
-                                 sidx_b, sqa_s, sqa_b, sqa_h, sqa_r, sqa_d, sks_s, sks_b, sks_h, sks_r, sks_d,
-                                 sgs_b, sgs_h, sgs_r, sgs_d, sdq_b, sdq_h, sdq_r, sdq_d, sdk_b, sdk_h, sdk_r, sdk_d,
-                                 n_q, m, kv_heads, group, query_splits, key_splits, dim,
-                                 BLOCK_D: tl.constexpr):
+def landmark_grad_scatter_kernel(INDICES, MASK, GRAD_QA, GRAD_KS, GRAD_SOLVE, GRAD_Q, GRAD_K,
+                                 sidx_b, sm_b, sm_r, sqa_s, sqa_b, sqa_h, sqa_r, sqa_d, sks_s, sks_b, sks_h, sks_r,
+                                 sks_d, sgs_b, sgs_h, sgs_r, sgs_d, sdq_b, sdq_h, sdq_r, sdq_d, sdk_b, sdk_h, sdk_r,
+                                 sdk_d, n_q, n_k, m, kv_heads, group, query_splits, key_splits, dim, has_mask,
+                                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bk = tl.program_id(0)
     batch = (pid_bk // kv_heads).to(tl.int64)
     kv_head = (pid_bk % kv_heads).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < dim
-    for slot in range(0, m):
+    # A batch row with no valid key had zero landmark rows, taken from no row: nothing to scatter.
+    valid_keys = _valid_key_count(MASK + batch * sm_b, sm_r, n_k, has_mask, BLOCK_N)
+    for slot in range(0, tl.where(valid_keys > 0, m, 0)):
         row = tl.load(INDICES + batch * sidx_b + slot)
         key_grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for member in range(0, group):
@@ -163,13 +183,17 @@ def forward(q, k, key_mask, m: int, indices=None, draws=None):
     return landmarks, out_indices
 
 
-def backward_into(grad_q, grad_k, indices, grad_from_queries, grad_from_keys, grad_from_solve) -> None:
+def backward_into(grad_q, grad_k, indices, key_mask, grad_from_queries, grad_from_keys, grad_from_solve) -> None:
     """Adds dL = sum of the query apply's split partials + the key summary's split partials + the solve's
-    Gram term into grad_q / grad_k at the landmark rows, in place (one launch)."""
+    Gram term into grad_q / grad_k at the landmark rows, in place (one launch); batch rows with no valid key
+    (zero landmark rows) get nothing."""
     batch, heads, m, dim = grad_from_solve.shape
     kv_heads = grad_k.shape[1]
+    mask, sm_b, sm_r, has_mask = _mask_args(key_mask, grad_k.device)
     landmark_grad_scatter_kernel[(batch * kv_heads,)](
-        indices, grad_from_queries, grad_from_keys, grad_from_solve, grad_q, grad_k, indices.stride(0),
-        *grad_from_queries.stride(), *grad_from_keys.stride(), *grad_from_solve.stride(), *grad_q.stride(),
-        *grad_k.stride(), grad_q.shape[2], m, kv_heads, heads // kv_heads, grad_from_queries.shape[0],
-        grad_from_keys.shape[0], dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4)
+        indices, mask, grad_from_queries, grad_from_keys, grad_from_solve, grad_q, grad_k, indices.stride(0), sm_b,
+        sm_r, *grad_from_queries.stride(), *grad_from_keys.stride(), *grad_from_solve.stride(), *grad_q.stride(),
+        *grad_k.stride(), grad_q.shape[2], grad_k.shape[2], m, kv_heads, heads // kv_heads,
+        grad_from_queries.shape[0], grad_from_keys.shape[0], dim, has_mask,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=SCATTER_MASK_BLOCK, num_warps=4,
+        maxnreg=SCATTER_MAX_REGISTERS)
