@@ -40,7 +40,7 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must have the same number of heads, got k {k.shape[1]}, v {v.shape[1]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+    if (k.shape[1] == 0 and q.shape[1] != 0) or (k.shape[1] != 0 and q.shape[1] % k.shape[1] != 0):
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) (GQA/MQA)")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same sequence length, got k {k.shape[2]}, v {v.shape[2]}")

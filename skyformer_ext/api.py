@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _checks, reference, torch_backend
@@ -10,6 +12,24 @@ from ._stages import stage
 from .landmarks import landmark_draws, sample_landmarks
 
 BACKENDS = _checks.BACKENDS
+_many_landmarks_warned = False
+
+
+def _empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The (batch, heads, n_q, p_v) output of a call with batch 0 or no heads (as SDPA returns): empty, and
+    connected to q, k, v so that backward gives them zero gradients."""
+    empty = q.new_zeros(*q.shape[:3], v.shape[3])
+    return empty + 0 * (q.sum() + k.sum() + v.sum()).to(q.dtype)
+
+
+def _warn_many_landmarks(m: int, rows: int) -> None:
+    global _many_landmarks_warned
+    if m > rows and not _many_landmarks_warned:
+        _many_landmarks_warned = True
+        warnings.warn(f"skyformer_attention: {m} landmarks for {rows} rows of [q; k]: landmarks repeat (sampling "
+                      f"with replacement) and the landmark solve still costs O(m^2) memory and O(m^3) time per "
+                      f"(batch, head). num_landmarks = n_q + n_k already gives exact kernelized attention (up to "
+                      f"ridge); this warning is shown once.", RuntimeWarning, stacklevel=3)
 
 
 def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, num_landmarks: int = 0) -> str:
@@ -76,6 +96,9 @@ def skyformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, nu
         _checks.check_landmark_indices(landmark_indices, batch, n_q + n_k, q.device)
     m = num_landmarks if landmark_indices is None else landmark_indices.shape[1]
     q, k, v = autocast_inputs(q, k, v)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return _empty_result(q, k, v)
+    _warn_many_landmarks(m, n_q + n_k)
     backend = _resolve_backend(backend, q, v, m)
     scale = _checks.default_scale(scale, q.shape[-1])
     with without_autocast(q.device):
@@ -121,6 +144,8 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _checks.check_scale(scale)
     _checks.check_bool("deterministic", deterministic)
     q, k, v = autocast_inputs(q, k, v)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return _empty_result(q, k, v)
     backend = _resolve_backend(backend, q, v)
     with without_autocast(q.device):
         if backend == "reference":

@@ -37,7 +37,8 @@ def sample_landmarks(batch: int, n_q: int, n_k: int, num_landmarks: int, *, attn
 
     ``attn_mask`` (batch, n_k) bool, True = key takes part. Landmarks never land on padded keys; when
     ``n_q == n_k`` (self-attention) the mask also marks the valid query rows. A batch row whose keys are all
-    masked draws its landmarks from all rows (its attention output is zero whatever they are). With fewer
+    masked draws its landmarks from all rows (its output is zero whatever they are; gather_landmarks turns them
+    into zero rows, so that padding garbage cannot reach the solve). With fewer
     valid rows than landmarks, rows repeat (sampling with replacement, as in the paper).
     """
     _checks.check_positive_int("batch", batch, 1)

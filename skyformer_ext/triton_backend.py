@@ -89,7 +89,7 @@ def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
     with stage("landmark_solve"):
         if inverse == "cholesky":
             # A matrix that stays not positive definite after jitter gets NaN values (its status is not read
-            # back: no host sync); see README "Behaviour at the edges".
+            # back: no host sync); see README "Edge cases and guarantees".
             values, summary, _ = landmark_solve.cholesky_forward(landmarks, summary_partials, scale, ridge,
                                                                  q.dtype)
         else:

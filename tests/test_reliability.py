@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import skyformer_ext as sx
-from conftest import assert_within_low_precision_rule
+from conftest import assert_within_low_precision_rule, max_error
 
 BACKENDS = ["torch", "reference", "triton"]
 DTYPES = {"torch": [torch.float64, torch.float32, torch.bfloat16],
@@ -192,3 +192,59 @@ def test_custom_ops_apply_the_autocast_policy_when_called_directly(autocast_dtyp
     assert summary.dtype == torch.float32
     assert torch.equal(exact, torch.ops.skyformer_ext.kernelized_attention(
         *(x.to(autocast_dtype) for x in (q, k, v)), None, 0.25, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["skyformer", "kernelized"])
+@pytest.mark.parametrize("batch,heads,kv_heads", [(0, 2, 1), (2, 0, 0), (2, 0, 1)])
+def test_no_batch_rows_or_no_heads_give_an_empty_result(backend, fn, batch, heads, kv_heads):
+    """As SDPA: an empty (batch, heads, n_q, p_v) output that backward passes through (zero gradients)."""
+    q = torch.randn(batch, heads, 5, P, requires_grad=True)
+    k = torch.randn(batch, kv_heads, 6, P, requires_grad=True)
+    v = torch.randn(batch, kv_heads, 6, 3, requires_grad=True)
+    out = _attention(fn, backend, q, k, v, None)
+    assert out.shape == (batch, heads, 5, 3) and out.dtype == q.dtype
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_far_more_landmarks_than_rows_warns_once(monkeypatch):
+    from skyformer_ext import api
+    monkeypatch.setattr(api, "_many_landmarks_warned", False)
+    q, k, v = _inputs(torch.float64, 7, 9)
+    with pytest.warns(RuntimeWarning, match="40 landmarks for 16 rows"):
+        sx.skyformer_attention(q, k, v, num_landmarks=40, backend="torch")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sx.skyformer_attention(q, k, v, num_landmarks=40, backend="torch")  # once per process
+        sx.skyformer_attention(q, k, v, num_landmarks=16, backend="torch")
+
+
+@pytest.mark.parametrize("option,value,error", [
+    ("scale", float("inf"), ValueError), ("scale", float("nan"), ValueError), ("ridge", float("inf"), ValueError),
+    ("ridge", float("nan"), ValueError), ("backend", "bogus", ValueError), ("ns_iters", 0, ValueError),
+    ("deterministic", 1, TypeError)])
+def test_bad_options_fail_at_call_and_at_module_construction(option, value, error):
+    from skyformer_ext.nn import SkyformerAttention
+    q, k, v = _inputs(torch.float32, 5, 5)
+    with pytest.raises(error, match=option):
+        sx.skyformer_attention(q, k, v, num_landmarks=4, **{option: value})
+    with pytest.raises(error, match=option):
+        SkyformerAttention(32, 2, **{option: value})
+
+
+@pytest.mark.parametrize("offset", [10.0, 30.0])
+@pytest.mark.parametrize("backend,bound", [("torch", 4.0), ("triton", 2.0)])
+def test_float32_error_on_large_norms_stays_within_the_documented_bound(backend, bound, offset):
+    """The exponent's cancellation costs every float32 path ~eps * scale * |x|^2: the fused kernels stay within
+    2x of the float32 reference's own error, the tiled torch path within 4x (README, edge cases)."""
+    q, k, v = _inputs(torch.float64, 64, 64, batch=1, heads=2, kv_heads=2, p=32)
+    q, k = q + offset, k + offset  # |x| ~ offset * sqrt(p): large norms, as after a few unnormalised layers
+    idx = sx.sample_landmarks(1, 64, 64, 16, generator=torch.Generator().manual_seed(1))
+    options = dict(landmark_indices=idx, inverse="cholesky")
+    truth = sx.skyformer_attention(q, k, v, backend="reference", **options)
+    low = [x.float() for x in (q, k, v)]
+    reference_error = max_error(sx.skyformer_attention(*low, backend="reference", **options), truth)
+    assert max_error(sx.skyformer_attention(*low, backend=backend, **options), truth) <= bound * reference_error
