@@ -139,7 +139,7 @@ def _landmark_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
             consts = (("SOURCE", source.value), ("BLOCK_M", block_m), ("BLOCK_N", cfg["BLOCK_N"]),
                       ("BLOCK_D", cfg["BLOCK_D"]))
             launches.append(Launch("landmark_rows_kernel", "landmarks", dtype, pointers + (("INDICES_OUT", i64),),
-                                   consts, cfg["num_warps"], 3, "landmarks", any_value))
+                                   consts, cfg["num_warps"], 3, "landmarks", any_value, cfg["maxnreg"]))
     f32 = "fp32"
     pointers = (("GRAD_KS", f32), ("GRAD_QA", f32), ("GRAD_SOLVE", f32), ("INDICES", i64))
     for block_d in head_dims or gt.HEAD_DIMS:

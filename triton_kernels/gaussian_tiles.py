@@ -271,9 +271,8 @@ def gaussian_attention_bwd_keys_kernel(
     key0 = pid_k * BLOCK_K
 
     keep = _key_keep(MASK + batch * sm_b, sm_r, key0, n_keys, has_mask, BLOCK_K)
-    # Padded key and value rows load as 0: garbage there must not reach any gradient.
     y, y_half = _load_tile_with_half_norm(Y + batch * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r, sy_d, dim,
-                                          scale_log2, BLOCK_K, BLOCK_D, UPCAST, keep)
+                                          scale_log2, BLOCK_K, BLOCK_D, UPCAST)
     v = _load_tile(V + batch * sv_b + kv_head.to(tl.int64) * sv_h, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV,
                    UPCAST, keep)
 
@@ -306,9 +305,10 @@ def gaussian_attention_bwd_keys_kernel(
 
     split_offset = split.to(tl.int64)
     kv_head = kv_head.to(tl.int64)
-    _write_tile(GRAD_Y + split_offset * sdy_s + batch * sdy_b + kv_head * sdy_h,
-                _kappa_rows_grad(acc_y, y, col_sum, scale) * group_factor, key0, n_keys, sdy_r, sdy_d, dim,
-                BLOCK_K, BLOCK_D, ATOMIC)
+    # Padded keys get a zero gradient (their kappa is 0), whatever garbage their rows hold (0 * NaN is NaN).
+    grad_y = tl.where(keep[:, None], _kappa_rows_grad(acc_y, y, col_sum, scale), 0.0) * group_factor
+    _write_tile(GRAD_Y + split_offset * sdy_s + batch * sdy_b + kv_head * sdy_h, grad_y, key0, n_keys, sdy_r,
+                sdy_d, dim, BLOCK_K, BLOCK_D, ATOMIC)
     _write_tile(GRAD_V + split_offset * sdv_s + batch * sdv_b + kv_head * sdv_h, acc_v * group_factor, key0,
                 n_keys, sdv_r, sdv_d, dim_v, BLOCK_K, BLOCK_DV, ATOMIC)
 

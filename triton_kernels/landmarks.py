@@ -31,8 +31,11 @@ from .gaussian_tiles import _kernel, _mask_args
 SOURCE_GIVEN, SOURCE_DRAWS, SOURCE_STRIDED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 MAX_LANDMARKS = 1024  # the index vectors live in registers: BLOCK_M = next power of two of m
 SCATTER_MASK_BLOCK = 128  # mask entries per step of the scatter's valid-key count
-# Without a register hint ptxas gave the scatter 32 registers and spilled (sm_90, compile_check); it needs ~47.
+# Register caps for ptxas: without a hint it gave the scatter 32 registers and the one-warp rows kernel 80, and
+# both spilled (sm_90, compile_check); they need ~47 and up to ~190. One program per (batch, head) or (batch,
+# kv head): occupancy is moot.
 SCATTER_MAX_REGISTERS = 64
+ROWS_MAX_REGISTERS = 255
 
 
 def rows_config(block_m: int) -> dict:
@@ -40,7 +43,7 @@ def rows_config(block_m: int) -> dict:
     per step of landmark_rows_kernel for BLOCK_M landmark slots: the spill-free choices of compile_check."""
     num_warps = 1 if block_m <= 32 else 4 if block_m <= 128 else 8 if block_m <= 256 else 16
     block = 32 if block_m <= 256 else 16 if block_m <= 512 else 8
-    return dict(num_warps=num_warps, BLOCK_N=block, BLOCK_D=block)
+    return dict(num_warps=num_warps, BLOCK_N=block, BLOCK_D=block, maxnreg=ROWS_MAX_REGISTERS)
 
 
 @triton.jit
