@@ -95,7 +95,11 @@ def _memory_run(step, device: torch.device) -> tuple[float, float | None, float]
 
 
 def warm_up_tracker() -> None:
-    """The first PeakMemory block in a process costs seconds of one-time set-up; pay it before timing."""
+    """One-time costs of a process, paid before timing: the first PeakMemory block's set-up, and the first
+    call of a torch.library custom op (the torch and triton paths are built of them), which imports
+    torch._dynamo (seconds)."""
+    import torch._dynamo  # noqa: F401
+
     with PeakMemory():
         torch.ones(2) + 1
 
