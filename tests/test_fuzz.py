@@ -64,11 +64,17 @@ pytestmark = [
 # max|result - truth| <= this x max|truth|, per compared tensor (out, dq, dk, dv). Measured over ~800 fuzzed
 # cases: float64 <= 1.3e-14 (torch) / exactly 0 (reference), float32 <= 6.9e-6 (torch, reference, triton).
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
-# float16/bfloat16: error <= 2x the same-dtype reference's error + one unit in the last place at max|truth|.
-# The floor matters for short reductions (m = 2 landmarks, a few keys), where the reference's error can be
-# far under the output's own rounding by luck while the triton kernels round kappa and dZ to the input dtype
-# before their dots (as FlashAttention does): measured triton excess over 2x the reference <= 0.91 ulp.
+# float16/bfloat16: error <= 2x the same-dtype reference's error + a floor of units in the last place at
+# max|truth|. The floor matters for tiny tensors and short reductions (one query, m = 2 landmarks), where the
+# reference's error can be far under the output's own rounding by luck while the triton kernels round kappa
+# and dZ to the input dtype before their dots (as FlashAttention does): there the measured triton excess over
+# 2x the reference reaches 0.91 ulp.
 LOW_PRECISION_FLOOR_ULPS = 1.0
+# Triton's interpreter casts float32 to bfloat16 by truncation (triton/runtime/interpreter.py, cast_impl),
+# where a GPU rounds to nearest; over a gradient's several casts that costs up to 2.2 ulps of excess measured
+# on scalar-sized cases (0.85 with the interpreter's casts patched to round to nearest).
+INTERPRETED_BFLOAT16_FLOOR_ULPS = 4.0
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # conftest sets it on machines without CUDA
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # ---- the input space --------------------------------------------------------------------------------------
@@ -248,7 +254,9 @@ def check_accuracy(case: Case) -> None:
         assert got.dtype == case.dtype, name
         magnitude = truth.abs().max().item() if truth.numel() else 0.0
         if case.dtype in LOW_PRECISION:
-            floor = LOW_PRECISION_FLOOR_ULPS * torch.finfo(case.dtype).eps * magnitude
+            truncating = INTERPRETED and case.backend == "triton" and case.dtype == torch.bfloat16
+            ulps = INTERPRETED_BFLOAT16_FLOOR_ULPS if truncating else LOW_PRECISION_FLOOR_ULPS
+            floor = ulps * torch.finfo(case.dtype).eps * magnitude
             assert_within_low_precision_rule(got, truth, baseline, name=name, floor=floor)
         else:
             error = max_error(got, truth)
