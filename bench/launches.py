@@ -243,6 +243,7 @@ class Config:
     landmarks: str = "random"   # "random" (sampled in the call) or "given" (landmark_indices passed in)
     inverse: str = "newton_schulz"
     deterministic: bool = True
+    landmark_refine: int = 0  # Lloyd steps on the landmarks (issue 18)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -265,7 +266,7 @@ def skyformer_inputs(config: Config, device: torch.device, seed: int = 0) -> dic
         mask[:, config.n_k - config.n_k // 8:] = False
         mask = mask.to(device)
     kwargs = dict(num_landmarks=config.m, attn_mask=mask, inverse=config.inverse, backend=config.backend,
-                  deterministic=config.deterministic)
+                  deterministic=config.deterministic, landmark_refine=config.landmark_refine)
     if config.landmarks == "given":
         from skyformer_ext import sample_landmarks
         kwargs["landmark_indices"] = sample_landmarks(config.batch, config.n_q, config.n_k, config.m,
@@ -348,6 +349,8 @@ def parse_args(argv=None):
                         help="random: sampled inside the call; given: landmark_indices passed in")
     parser.add_argument("--inverse", default=defaults.inverse, choices=("newton_schulz", "cholesky"))
     parser.add_argument("--nondeterministic", action="store_true", help="deterministic=False (atomics)")
+    parser.add_argument("--landmark-refine", type=int, default=defaults.landmark_refine,
+                        help="Lloyd steps on the landmarks (landmark_refine)")
     parser.add_argument("--by-kernel", action="store_true", help="also list every op / kernel")
     parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
     parser.add_argument("--label", default="", help="a note stored in the JSON (e.g. which code was counted)")
@@ -360,7 +363,8 @@ def main(argv=None) -> int:
                           else args.device)
     config = Config(backend=args.backend, n_q=args.n_q, n_k=args.n_k, batch=args.batch, heads=args.heads,
                     kv_heads=args.kv_heads, p=args.p, m=args.m, dtype=args.dtype, mask=not args.no_mask,
-                    landmarks=args.landmarks, inverse=args.inverse, deterministic=not args.nondeterministic)
+                    landmarks=args.landmarks, inverse=args.inverse, deterministic=not args.nondeterministic,
+                    landmark_refine=args.landmark_refine)
     fwd, bwd = count_skyformer(config, device)
     print("\n".join(report_lines(config, fwd, bwd, args.by_kernel)))
     before = RESULTS_DIR / "launches_before.json"

@@ -114,7 +114,7 @@ def check_landmark_indices(idx, batch: int, n_total: int, device) -> None:
 
 
 def check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
-                            backend) -> None:
+                            backend, landmark_refine=0) -> None:
     """The options skyformer_attention takes beyond its tensors (also checked by nn.SkyformerAttention at
     construction, so a bad module fails before its first forward)."""
     check_choice("backend", backend, BACKENDS)
@@ -125,6 +125,7 @@ def check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, 
     check_positive_int("ns_iters", ns_iters, 1)
     check_scale(scale)
     check_bool("deterministic", deterministic)
+    check_positive_int("landmark_refine", landmark_refine, 0)
 
 
 def default_scale(scale, head_dim: int) -> float:

@@ -44,6 +44,8 @@ class SkyformerAttention(nn.Module):
         eval_landmarks: landmark sampling in eval mode. ``"strided"`` (default) makes inference
             deterministic: evenly spaced valid query and key rows. ``"random"`` keeps the paper's sampling
             at test time (outputs then vary from call to call unless a ``generator`` is passed).
+        landmark_refine: Lloyd (k-means) steps that move the landmarks to the centres of their clusters before
+            the solve (0: the paper's landmarks); see :func:`skyformer_ext.skyformer_attention`.
         ridge, inverse, ns_iters: the landmark solve, see :func:`skyformer_ext.skyformer_attention`.
         scale: the SDPA meaning (multiplies q.k) for all three kernels; default ``head_dim ** -0.5``.
         backend: backend of the Skyformer/Kernelized kernels (``"auto"`` picks the fastest present one).
@@ -66,7 +68,8 @@ class SkyformerAttention(nn.Module):
                  batch_first: bool = True, head_dim: int | None = None, context_dim: int | None = None,
                  landmarks: str = "random", eval_landmarks: str = "strided", ridge: float = 0.1,
                  inverse: str = "newton_schulz", ns_iters: int = 6, scale: float | None = None,
-                 backend: str = "auto", deterministic: bool = True, device=None, dtype=None):
+                 backend: str = "auto", deterministic: bool = True, landmark_refine: int = 0, device=None,
+                 dtype=None):
         super().__init__()
         _checks.check_positive_int("embed_dim", embed_dim, 1)
         _checks.check_positive_int("num_heads", num_heads, 1)
@@ -85,7 +88,7 @@ class SkyformerAttention(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
-                                        backend)
+                                        backend, landmark_refine)
         _checks.check_choice("eval_landmarks", eval_landmarks, _checks.STRATEGIES)
 
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
@@ -95,6 +98,7 @@ class SkyformerAttention(nn.Module):
         self.dropout = float(dropout)
         self.batch_first = batch_first
         self.landmarks, self.eval_landmarks = landmarks, eval_landmarks
+        self.landmark_refine = landmark_refine
         self.ridge, self.inverse, self.ns_iters = float(ridge), inverse, ns_iters
         self.scale = None if scale is None else float(scale)
         self.backend = backend
@@ -129,7 +133,8 @@ class SkyformerAttention(nn.Module):
                  f"attention={self.attention!r}"]
         if self.attention == "skyformer":
             parts += [f"num_landmarks={self.num_landmarks}", f"landmarks={self.landmarks!r}",
-                      f"eval_landmarks={self.eval_landmarks!r}", f"inverse={self.inverse!r}"]
+                      f"eval_landmarks={self.eval_landmarks!r}", f"landmark_refine={self.landmark_refine}",
+                      f"inverse={self.inverse!r}"]
         if self.context_dim != self.embed_dim:
             parts.append(f"context_dim={self.context_dim}")
         parts += [f"dropout={self.dropout}", f"batch_first={self.batch_first}"]
@@ -192,7 +197,7 @@ class SkyformerAttention(nn.Module):
                                        landmarks=strategy, landmark_indices=landmark_indices,
                                        generator=generator, ridge=self.ridge, inverse=self.inverse,
                                        ns_iters=self.ns_iters, scale=self.scale, backend=self.backend,
-                                       deterministic=self.deterministic)
+                                       deterministic=self.deterministic, landmark_refine=self.landmark_refine)
         if self.attention == "kernelized":
             return kernelized_attention(q, k, v, attn_mask=key_keep, scale=self.scale, backend=self.backend,
                                         deterministic=self.deterministic)

@@ -18,7 +18,7 @@ from . import _checks
 
 __all__ = [
     "gaussian_kernel", "kernelized_attention", "landmark_gram", "key_summary", "query_apply",
-    "newton_schulz_inverse", "landmark_solve", "skyformer_attention",
+    "newton_schulz_inverse", "landmark_solve", "refine_landmarks", "skyformer_attention",
 ]
 
 
@@ -57,6 +57,46 @@ def kernelized_attention(q, k, v, *, attn_mask=None, scale=None) -> torch.Tensor
 
 
 # ---- Skyformer, one function per stage -------------------------------------------------------------------
+
+def landmark_points(q, k, attn_mask=None):
+    """(points, valid): the rows of X = [Q; K] per q-head, (batch, heads, n_q + n_k, p), and which of them
+    take part in landmark refinement, (batch, n_q + n_k) bool: valid keys; queries too, except padded ones in
+    self-attention with a mask (n_q == n_k, as the sampler treats them); none in a batch row with no valid key
+    (its landmarks stay zero rows). Excluded rows are set to 0 (not multiplied: padding may hold NaN)."""
+    batch, heads, n_q, _ = q.shape
+    points = torch.cat([q, _repeat_kv(k, heads)], dim=2)
+    if attn_mask is None:
+        return points, torch.ones(batch, points.shape[2], dtype=torch.bool, device=q.device)
+    query_valid = attn_mask if n_q == k.shape[2] else torch.ones(batch, n_q, dtype=torch.bool, device=q.device)
+    valid = torch.cat([query_valid, attn_mask], dim=1) & attn_mask.any(1, keepdim=True)
+    return points.masked_fill(~valid[:, None, :, None], 0.0), valid
+
+
+def refine_landmarks(q, k, landmarks, steps: int, attn_mask=None) -> torch.Tensor:
+    """``steps`` Lloyd (k-means) steps from the seed landmarks (batch, heads, m, p), per (batch, q-head).
+
+    A step assigns every valid row of [Q; K] (see landmark_points) to its nearest landmark (squared Euclidean
+    distance, computed pair by pair; ties go to the lower landmark index) and moves each landmark to the mean
+    of its rows; a landmark with no rows stays where it is. Nearest in the raw rows is nearest in the kernel's
+    scaled space (one common factor), and means commute with the scaling, so no scale is needed. Gradients
+    flow through the means (each row gets dL_j / count_j of its landmark j) and through landmarks that did not
+    move; the assignment is piecewise constant. A NaN or Inf in a valid row reaches every landmark of its
+    (batch, head): the sums below are one-hot products (0 * NaN = NaN), as in every backend.
+    """
+    points, valid = landmark_points(q, k, attn_mask)
+    membership_mask = valid[:, None, :, None].to(points.dtype)
+    for _ in range(steps):
+        wide = _checks.compute_dtype(points.dtype)
+        distance = torch.cdist(points.detach().to(wide), landmarks.detach().to(wide),
+                               compute_mode="donot_use_mm_for_euclid_dist")
+        # The first minimum: ties go to the lower index; NaN (a seed or row holding NaN) counts as +inf.
+        nearest = torch.where(distance.isnan(), torch.inf, distance).argmin(-1)
+        membership = torch.nn.functional.one_hot(nearest, landmarks.shape[2]).to(points.dtype) * membership_mask
+        counts = membership.sum(2)[..., None]
+        means = membership.transpose(-1, -2) @ points / counts.clamp_min(1)
+        landmarks = torch.where(counts > 0, means, landmarks)
+    return landmarks
+
 
 def landmark_gram(landmarks: torch.Tensor, scale: float) -> torch.Tensor:
     """M = kappa(L, L): (batch, heads, m, p) -> (batch, heads, m, m)."""
@@ -107,8 +147,9 @@ def landmark_solve(gram, summary, ridge: float, inverse: str, ns_iters: int) -> 
 
 
 def skyformer_attention(q, k, v, landmark_indices, *, attn_mask=None, ridge=0.1, inverse="newton_schulz",
-                        ns_iters=6, scale=None) -> torch.Tensor:
-    """Skyformer with explicit landmarks: O = A W B^T V, A = kappa(Q, L), B = kappa(K, L) (padded rows 0)."""
+                        ns_iters=6, scale=None, landmark_refine=0) -> torch.Tensor:
+    """Skyformer with explicit landmarks: O = A W B^T V, A = kappa(Q, L), B = kappa(K, L) (padded rows 0).
+    The seeds L = X[landmark_indices] move by ``landmark_refine`` Lloyd steps first (refine_landmarks)."""
     _checks.check_qkv(q, k, v)
     _checks.check_key_mask(attn_mask, q.shape[0], k.shape[2], q.device)
     _checks.check_landmark_indices(landmark_indices, q.shape[0], q.shape[2] + k.shape[2], q.device)
@@ -116,6 +157,7 @@ def skyformer_attention(q, k, v, landmark_indices, *, attn_mask=None, ridge=0.1,
     _checks.check_choice("inverse", inverse, _checks.INVERSES)
     _checks.check_positive_int("ns_iters", ns_iters, 1)
     _checks.check_scale(scale)
+    _checks.check_positive_int("landmark_refine", landmark_refine, 0)
     scale = _checks.default_scale(scale, q.shape[-1])
 
     heads = q.shape[1]
@@ -124,6 +166,7 @@ def skyformer_attention(q, k, v, landmark_indices, *, attn_mask=None, ridge=0.1,
     landmarks = rows.gather(2, index)
     if attn_mask is not None:  # a batch row with no valid key: zero landmarks (its output is zero anyway)
         landmarks = landmarks.masked_fill(~attn_mask.any(1)[:, None, None, None], 0.0)
+    landmarks = refine_landmarks(q, k, landmarks, landmark_refine, attn_mask)
 
     gram = landmark_gram(landmarks, scale)
     summary = key_summary(k, v, landmarks, attn_mask, scale)

@@ -217,6 +217,124 @@ class _LandmarkGram(torch.autograd.Function):
         return ctx.scale * (weights @ landmarks - landmarks * weights.sum(-1, keepdim=True)), None
 
 
+# ---- landmark refinement: one Lloyd (k-means) step, tiled -------------------------------------------------
+
+def _point_validity(key_mask: Optional[Tensor], batch: int, n_q: int, n_k: int, device):
+    """(query rows, key rows) taking part, (batch, n_q) and (batch, n_k) bool: reference.landmark_points' rule."""
+    if key_mask is None:
+        return (torch.ones(batch, n_q, dtype=torch.bool, device=device),
+                torch.ones(batch, n_k, dtype=torch.bool, device=device))
+    has_key = key_mask.any(1, keepdim=True)
+    query_valid = key_mask if n_q == n_k else torch.ones(batch, n_q, dtype=torch.bool, device=device)
+    return query_valid & has_key, key_mask & has_key
+
+
+def _shadowed(landmarks: Tensor) -> Tensor:
+    """(..., m) bool: the slot holds exactly the row of a lower slot (duplicate seeds). Ties go to the lower
+    index, and a BLAS matmul need not give identical columns identical bits, so duplicates are found from
+    the coordinates: rows sorted by torch.unique, the lowest slot of each group of equal rows kept. No sync."""
+    *lead, m, dim = landmarks.shape
+    flat = landmarks.reshape(-1, m, dim)
+    owner = torch.arange(flat.shape[0], device=landmarks.device, dtype=landmarks.dtype).repeat_interleave(m)
+    _, group = torch.unique(torch.cat([owner[:, None], flat.reshape(-1, dim)], dim=1), dim=0, return_inverse=True)
+    slot = torch.arange(m, device=landmarks.device).repeat(flat.shape[0])
+    lowest = torch.full_like(slot, m).scatter_reduce_(0, group, slot, "amin")
+    return (lowest[group] != slot).reshape(*lead, m)
+
+
+@torch.library.custom_op("skyformer_ext::lloyd_step_tiled", mutates_args=())
+def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[Tensor]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(new landmarks, counts (b, H, m), assignment (b, H, n_q + n_k) int32, -1 where a row takes no part).
+
+    A point tile's squared distances to the m landmarks are |l|^2/2 - x.l (the |x|^2 term is common to a row);
+    the nearest is the first minimum; sums come from one-hot products. The tile of distances and the one-hot
+    tile are the only (rows x m) buffers, TILE_ELEMENTS at most."""
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group, m = heads // kv_heads, landmarks.shape[2]
+    cdtype = landmarks.dtype
+    grouped = landmarks.reshape(batch * kv_heads, group, m, dim)
+    half_norm = grouped.square().sum(-1).mul_(0.5).masked_fill_(_shadowed(grouped), torch.inf)[:, :, None, :]
+    sums = torch.zeros_like(grouped)
+    counts = torch.zeros(batch * kv_heads, group, m, dtype=cdtype, device=q.device)
+    assignment = torch.empty(batch * kv_heads, group, n_q + n_k, dtype=torch.int32, device=q.device)
+    query_valid, key_valid = (v.repeat_interleave(kv_heads, dim=0)
+                              for v in _point_validity(key_mask, batch, n_q, n_k, q.device))
+    landmark_ids = torch.arange(m, device=q.device)
+    tile = max(TILE_ELEMENTS // max(batch * heads * m, 1), 16)
+    parts = ((q.reshape(batch * kv_heads, group, n_q, dim), query_valid, 0),
+             (k.reshape(batch * kv_heads, 1, n_k, dim), key_valid, n_q))
+    for rows, valid, offset in parts:
+        for r0 in range(0, rows.shape[2], tile):
+            keep = valid[:, None, r0:r0 + tile, None]
+            x = rows[:, :, r0:r0 + tile].to(cdtype).masked_fill(~keep, 0.0)  # padding may hold NaN
+            score = torch.matmul(x, grouped.transpose(-1, -2)).neg_().add_(half_norm)
+            nearest = score.masked_fill_(score.isnan(), torch.inf).argmin(-1)  # NaN as +inf, ties: lower index
+            member = ((nearest[..., None] == landmark_ids) & keep).to(cdtype)
+            sums += torch.matmul(member.transpose(-1, -2), x)
+            counts += member.sum(2)
+            assignment[:, :, offset + r0:offset + r0 + x.shape[2]] = nearest.masked_fill(~keep[..., 0], -1)
+    moved = counts[..., None] > 0
+    new = torch.where(moved, sums / counts.clamp_min(1)[..., None], grouped)
+    return (new.reshape(batch, heads, m, dim), counts.reshape(batch, heads, m),
+            assignment.reshape(batch, heads, n_q + n_k))
+
+
+@_lloyd_step_op.register_fake
+def _(q, k, landmarks, key_mask):
+    batch, heads, m, _ = landmarks.shape
+    return (torch.empty_like(landmarks), landmarks.new_empty(batch, heads, m),
+            q.new_empty(batch, heads, q.shape[2] + k.shape[2], dtype=torch.int32))
+
+
+@torch.library.custom_op("skyformer_ext::lloyd_step_tiled_backward", mutates_args=())
+def _lloyd_step_backward_op(grad_new: Tensor, counts: Tensor, assignment: Tensor, q: Tensor, k: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, d seeds): a row gets dL_j / count_j of its landmark j; landmarks that kept no row pass dL_j
+    to their previous position. Gathers of (rows x p): no (rows x m) buffer."""
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    empty = counts[..., None] == 0
+    share = torch.where(empty, 0.0, grad_new / counts.clamp_min(1)[..., None])
+
+    def gathered(rows: Tensor) -> Tensor:  # (b, H, r) landmark ids, -1 = none -> (b, H, r, p)
+        picked = share.gather(2, rows.clamp_min(0).long()[..., None].expand(-1, -1, -1, dim))
+        return picked.masked_fill((rows < 0)[..., None], 0.0)
+
+    grad_q = gathered(assignment[:, :, :n_q])
+    grad_k = gathered(assignment[:, :, n_q:]).reshape(batch, kv_heads, heads // kv_heads, n_k, dim).sum(2)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), torch.where(empty, grad_new, 0.0)
+
+
+@_lloyd_step_backward_op.register_fake
+def _(grad_new, counts, assignment, q, k):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad_new)
+
+
+def _lloyd_step_setup(ctx, inputs, output):
+    q, k, landmarks, key_mask = inputs
+    _, counts, assignment = output
+    ctx.save_for_backward(counts, assignment, q, k)
+    ctx.mark_non_differentiable(counts, assignment)
+
+
+def _lloyd_step_backward(ctx, grad_new, *_unused_grads):
+    with torch.no_grad(), without_autocast(grad_new.device):
+        grads = _lloyd_step_backward_op(grad_new, *ctx.saved_tensors)
+    return *first_order_only("torch", grads, (grad_new, *ctx.saved_tensors)), None
+
+
+_lloyd_step_op.register_autograd(_lloyd_step_backward, setup_context=_lloyd_step_setup)
+
+
+def refine_landmarks(q, k, landmarks, steps: int, key_mask) -> torch.Tensor:
+    """``steps`` Lloyd steps (reference.refine_landmarks' semantics) on landmarks in the compute dtype."""
+    for _ in range(steps):
+        landmarks = _lloyd_step_op(q, k, landmarks, key_mask)[0]
+    return landmarks
+
+
 def gaussian_attention(queries, keys, values, key_mask, scale: float, out_dtype=None) -> torch.Tensor:
     """kappa(queries, keys) @ values per head; (b, H, r, p), (b, Hk, n, p), (b, Hk, n, pv) -> (b, H, r, pv).
 
@@ -238,10 +356,13 @@ def kernelized_attention(q, k, v, attn_mask, scale: float) -> torch.Tensor:
     return gaussian_attention(q, k, v, attn_mask, scale)
 
 
-def skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters, scale) -> torch.Tensor:
-    """Landmarks -> Gram -> landmark solve -> key summary -> query apply, evaluated right to left."""
+def skyformer_attention(q, k, v, landmark_indices, attn_mask, ridge, inverse, ns_iters, scale,
+                        landmark_refine: int = 0) -> torch.Tensor:
+    """Landmarks (-> Lloyd steps) -> Gram -> landmark solve -> key summary -> query apply, evaluated right to
+    left."""
     cdtype = _checks.compute_dtype(q.dtype)
     landmarks = gather_landmarks(q, k, landmark_indices, attn_mask).to(cdtype)
+    landmarks = refine_landmarks(q, k, landmarks, landmark_refine, attn_mask)
     gram = _LandmarkGram.apply(landmarks, scale)
     summary = gaussian_attention(landmarks, k, v, attn_mask, scale, out_dtype=cdtype)
     landmark_values = solve.landmark_solve(gram, summary, ridge, inverse, ns_iters)

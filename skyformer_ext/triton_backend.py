@@ -4,11 +4,14 @@ A Skyformer call is one custom op whose backward is another, so torch.compile ke
 node and the whole call is one autograd path. The forward launches, in order (stage modules of triton_kernels):
 
     [torch.rand: the landmark draws, random landmarks only] -> landmarks (indices + landmark rows)
+    -> [landmark_refine: per Lloyd step, assignment + split sums, then the update]
     -> key_summary (split partial sums of Z) -> landmark_solve (Gram, partials added on load, solve: Y)
     -> query_apply (O)
 
 and the backward: query_apply (dq; dL, dY partials) -> landmark_solve (dZ, the Gram term of dL) ->
-key_summary (dL partials; dk, dv) -> landmarks (every dL part added on load and scattered into dq, dk).
+key_summary (dL partials; dk, dv) -> landmarks (every dL part added on load and scattered into dq, dk; with
+refinement only into seeds that never moved, and the total dL kept) -> [landmark_refine: per step, each
+row's share dL_j / count_j of its landmark into dq, dk].
 No launch computes anything but these stages (no memsets, no separate reductions, no casts) and nothing
 waits for the GPU: the call can be captured in a CUDA graph. Nothing (n x m) or (n x n) exists, forward or
 backward: the kernels recompute kappa tiles; the extra buffers are O(m * p) per head plus bounded per-split
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from triton_kernels import key_summary, kernelized, landmark_solve, query_apply
+from triton_kernels import landmark_refine as refine_stage
 from triton_kernels import landmarks as landmark_stage
 
 from ._amp import AUTOCAST_DEVICES, autocast_inputs, without_autocast
@@ -78,12 +82,16 @@ def _no_grads(ctx) -> tuple[None, ...]:
 def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                            landmark_indices: Optional[Tensor], landmark_draws: Optional[Tensor],
                            num_landmarks: int, scale: float, ridge: float, inverse: str, ns_iters: int,
-                           deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, landmark rows, landmark indices, Z, Y): the output and what the backward needs. Landmarks come
-    from landmark_indices when given, else from landmark_draws (random), else the strided grid."""
+                           deterministic: bool, landmark_refine: int
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, landmarks, landmark indices, Z, Y, refine assignments, refine counts): the output and what the
+    backward needs. Seeds come from landmark_indices when given, else from landmark_draws (random), else the
+    strided grid; landmark_refine Lloyd steps then move them."""
     with stage("landmarks"):
         landmarks, indices = landmark_stage.forward(q, k, key_mask, num_landmarks, landmark_indices,
                                                     landmark_draws)
+    with stage("landmark_refine"):
+        landmarks, assignments, counts = refine_stage.forward(q, k, key_mask, landmarks, landmark_refine)
     with stage("key_summary"):
         summary_partials = key_summary.forward(k, v, landmarks, key_mask, scale, deterministic)
     with stage("landmark_solve"):
@@ -97,24 +105,26 @@ def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
                                                            q.dtype)
     with stage("query_apply"):
         out = query_apply.forward(q, landmarks, values, scale)
-    return out, landmarks, indices, summary, values
+    return out, landmarks, indices, summary, values, assignments, counts
 
 
 @skyformer_attention_op.register_fake
 def _(q, k, v, key_mask, landmark_indices, landmark_draws, num_landmarks, scale, ridge, inverse, ns_iters,
-      deterministic):
+      deterministic, landmark_refine):
     batch, heads, n_q, _ = q.shape
     head_rows = (batch, heads, num_landmarks)
     return (q.new_empty(batch, heads, n_q, v.shape[3]), q.new_empty(*head_rows, q.shape[3]),
             q.new_empty(batch, num_landmarks, dtype=torch.int64),
-            q.new_empty(*head_rows, v.shape[3], dtype=torch.float32), q.new_empty(*head_rows, v.shape[3]))
+            q.new_empty(*head_rows, v.shape[3], dtype=torch.float32), q.new_empty(*head_rows, v.shape[3]),
+            q.new_empty(landmark_refine, batch, heads, n_q + k.shape[2], dtype=torch.int32),
+            q.new_empty(landmark_refine, *head_rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("skyformer_ext::skyformer_attention_backward", mutates_args=())
 def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                                  landmarks: Tensor, indices: Tensor, summary: Tensor, values: Tensor,
-                                 scale: float, ridge: float, inverse: str, ns_iters: int,
-                                 deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                                 assignments: Tensor, counts: Tensor, scale: float, ridge: float, inverse: str,
+                                 ns_iters: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     with stage("query_apply"):
         grad_q, grad_landmarks_queries, grad_values = query_apply.backward(grad_out, q, landmarks, values,
                                                                            scale, deterministic)
@@ -128,22 +138,27 @@ def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
     with stage("key_summary"):
         grad_k, grad_v, grad_landmarks_keys = key_summary.backward(grad_summary, grad_summary_factor, k, v,
                                                                    landmarks, key_mask, scale, deterministic)
+    refined = assignments.shape[0] > 0
     with stage("landmarks"):
-        landmark_stage.backward_into(grad_q, grad_k, indices, key_mask, grad_landmarks_queries,
-                                     grad_landmarks_keys, grad_landmarks_solve)
+        grad_landmarks = landmark_stage.backward_into(grad_q, grad_k, indices, key_mask, grad_landmarks_queries,
+                                                      grad_landmarks_keys, grad_landmarks_solve,
+                                                      counts if refined else None)
+    if refined:
+        with stage("landmark_refine"):
+            refine_stage.backward_into(grad_q, grad_k, assignments, counts, grad_landmarks)
     return grad_q, grad_k, grad_v
 
 
 @skyformer_attention_backward.register_fake
-def _(grad_out, q, k, v, key_mask, landmarks, indices, summary, values, scale, ridge, inverse, ns_iters,
-      deterministic):
+def _(grad_out, q, k, v, key_mask, landmarks, indices, summary, values, assignments, counts, scale, ridge, inverse,
+      ns_iters, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _skyformer_setup(ctx, inputs, output):
-    q, k, v, key_mask, _, _, _, scale, ridge, inverse, ns_iters, deterministic = inputs
-    _, landmarks, indices, summary, values = output
-    ctx.save_for_backward(q, k, v, key_mask, landmarks, indices, summary, values)
+    q, k, v, key_mask, _, _, _, scale, ridge, inverse, ns_iters, deterministic, _ = inputs
+    _, landmarks, indices, summary, values, assignments, counts = output
+    ctx.save_for_backward(q, k, v, key_mask, landmarks, indices, summary, values, assignments, counts)
     ctx.options = (scale, ridge, inverse, ns_iters, deterministic)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs kept for the backward
@@ -152,7 +167,7 @@ def _skyformer_setup(ctx, inputs, output):
 def _skyformer_backward(ctx, grad_out, *_unused_grads):
     with torch.no_grad(), without_autocast(grad_out.device):
         grads = skyformer_attention_backward(grad_out, *ctx.saved_tensors, *ctx.options)
-    return *first_order_only("triton", grads, (grad_out, *ctx.saved_tensors)), *(None,) * 9
+    return *first_order_only("triton", grads, (grad_out, *ctx.saved_tensors)), *(None,) * 10
 
 
 skyformer_attention_op.register_autograd(_skyformer_backward, setup_context=_skyformer_setup)
@@ -225,8 +240,8 @@ def kernelized_attention(q, k, v, attn_mask, scale: float, deterministic: bool =
 
 
 def skyformer_attention(q, k, v, attn_mask, num_landmarks: int, landmark_indices, landmark_draws, ridge,
-                        inverse, ns_iters, scale, deterministic: bool = True) -> Tensor:
-    """Landmarks -> key summary -> landmark solve -> query apply, every stage one fused kernel."""
+                        inverse, ns_iters, scale, deterministic: bool = True, landmark_refine: int = 0) -> Tensor:
+    """Landmarks (-> Lloyd steps) -> key summary -> landmark solve -> query apply, every stage fused kernels."""
     check_inputs(q, v)
     if landmark_indices is not None:
         landmark_indices = landmark_indices.contiguous()  # the kernel reads rows of unit inner stride
@@ -235,4 +250,4 @@ def skyformer_attention(q, k, v, attn_mask, num_landmarks: int, landmark_indices
         raise ValueError(f"backend='triton' supports up to {MAX_LANDMARKS} landmarks, got num_landmarks="
                          f"{num_landmarks}; use backend='torch'")
     return skyformer_attention_op(q, k, v, attn_mask, landmark_indices, landmark_draws, num_landmarks, scale,
-                                  ridge, inverse, ns_iters, deterministic)[0]
+                                  ridge, inverse, ns_iters, deterministic, landmark_refine)[0]

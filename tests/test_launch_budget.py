@@ -19,7 +19,7 @@ BACKWARD_BUDGET = 10
 BASE = dict(backend="triton", n_q=97, n_k=61, batch=2, heads=2, kv_heads=1, p=80, m=16, dtype="fp16")
 
 
-STAGES = {"landmarks", "key_summary", "landmark_solve", "query_apply"}
+STAGES = {"landmarks", "landmark_refine", "key_summary", "landmark_solve", "query_apply"}
 
 
 @pytest.mark.parametrize("options", [
@@ -50,3 +50,17 @@ def test_default_call_launches_one_kernel_per_stage_pass():
     forward, backward = count_skyformer(Config(**BASE))
     assert forward.by_stage == {"landmarks": 2, "key_summary": 1, "landmark_solve": 1, "query_apply": 1}
     assert backward.by_stage == {"query_apply": 2, "landmark_solve": 1, "key_summary": 2, "landmarks": 1}
+
+
+def test_landmark_refinement_costs_two_launches_forward_and_one_backward_per_step():
+    """Issue 18's budget over the default path: per Lloyd step at most 2 more launches forward and 1 more
+    backward, no host sync. Two steps; small head dims (the counts do not depend on them), lengths that still
+    split the assignment pass."""
+    steps = 2
+    config = Config(**{**BASE, "landmark_refine": steps, "dtype": "bf16", "p": 16, "n_q": 45, "n_k": 33})
+    forward, backward = count_skyformer(config)
+    assert forward.syncs == 0 and backward.syncs == 0, (forward.sync_ops, backward.sync_ops)
+    assert forward.by_stage == {"landmarks": 2, "landmark_refine": 2 * steps, "key_summary": 1,
+                                "landmark_solve": 1, "query_apply": 1}, forward.by_kernel
+    assert backward.by_stage == {"query_apply": 2, "landmark_solve": 1, "key_summary": 2, "landmarks": 1,
+                                 "landmark_refine": steps}, backward.by_kernel

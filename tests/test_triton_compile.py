@@ -41,7 +41,7 @@ def test_every_kernel_compiles_without_spills_in_the_benchmark_buckets(tmp_path)
     for kernel in ("gaussian_attention_fwd_kernel", "gaussian_attention_bwd_rows_kernel",
                    "gaussian_attention_bwd_keys_kernel", "newton_schulz_fwd_kernel", "newton_schulz_bwd_kernel",
                    "cholesky_fwd_kernel", "cholesky_bwd_kernel", "landmark_rows_kernel",
-                   "landmark_grad_scatter_kernel"):
+                   "landmark_grad_scatter_kernel", "lloyd_assign_kernel", "lloyd_update_kernel", "lloyd_grad_kernel"):
         assert kernel in kernels, (kernel, sorted(kernels))
 
 

@@ -281,9 +281,9 @@ def test_custom_ops_pass_opcheck():
         cases += [
             (torch.ops.skyformer_ext.kernelized_attention, (q, k, v, mask, scale, deterministic)),
             (torch.ops.skyformer_ext.skyformer_attention,
-             (q, k, v, mask, indices, None, 5, scale, 0.1, "newton_schulz", 6, deterministic)),
-            (torch.ops.skyformer_ext.skyformer_attention,
-             (q, k, v, mask, None, draws, 5, scale, 0.1, "newton_schulz", 3, deterministic)),
+             (q, k, v, mask, indices, None, 5, scale, 0.1, "newton_schulz", 6, deterministic, 0)),
+            (torch.ops.skyformer_ext.skyformer_attention,  # with one landmark refinement step
+             (q, k, v, mask, None, draws, 5, scale, 0.1, "newton_schulz", 3, deterministic, 1)),
         ]
     for op, args in cases:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()

@@ -12,8 +12,9 @@ candidate of the generic kernels; ``landmark_solve.solve_config``, ``cholesky_co
 bucket (``HEAD_DIMS``: 16..256), input dtype and, for the landmark solve, landmark-count bucket (``M_PADS``:
 16..256), with the pointer dtypes each stage passes (float32 split partials and key-summary output) and, for
 the launches that may split, both the deterministic store and the atomic-add variant (``ATOMIC``,
-deterministic=False), the key summary's scaled output gradient (``SCALED_GRAD``), and the landmark kernels
-(``landmarks``: every landmark-count bucket up to ``MAX_LANDMARKS`` and landmark source). Signatures: unit
+deterministic=False), the key summary's scaled output gradient (``SCALED_GRAD``), the landmark kernels
+(``landmarks``: every landmark-count bucket up to ``MAX_LANDMARKS`` and landmark source) and the landmark
+refinement's kernels (``landmark_refine``: every head-dim and landmark-count bucket). Signatures: unit
 inner strides, 16-byte aligned pointers, other strides and head dims taken as multiples of 16 (the usual
 shapes; other values compile the same code without that alignment hint), arguments a kernel does not
 specialise (its ``do_not_specialize``) as plain ints, and the specialised counts that take any value
@@ -141,7 +142,8 @@ def _landmark_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
             launches.append(Launch("landmark_rows_kernel", "landmarks", dtype, pointers + (("INDICES_OUT", i64),),
                                    consts, cfg["num_warps"], 3, "landmarks", any_value, cfg["maxnreg"]))
     f32 = "fp32"
-    pointers = (("GRAD_KS", f32), ("GRAD_QA", f32), ("GRAD_SOLVE", f32), ("INDICES", i64))
+    pointers = (("COUNTS", f32), ("GRAD_KS", f32), ("GRAD_QA", f32), ("GRAD_SOLVE", f32), ("GRAD_TOTAL", f32),
+                ("INDICES", i64))
     for block_d in head_dims or gt.HEAD_DIMS:
         for query_splits in (1, None):
             for key_splits in (1, None):
@@ -149,6 +151,33 @@ def _landmark_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
                                        (("BLOCK_D", block_d), ("BLOCK_N", lm.SCATTER_MASK_BLOCK)), 4, 3,
                                        "landmarks", (("n_q", None), ("n_k", None), ("query_splits", query_splits),
                                                      ("key_splits", key_splits)), lm.SCATTER_MAX_REGISTERS))
+    return launches
+
+
+def _refine_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
+    """The landmark refinement's three kernels (``landmark_refine.forward`` / ``backward_into``) for one input
+    dtype over the head-dim and landmark-count buckets, with ``refine_config``'s tiles: float32 sums, counts
+    and dL, int32 assignments."""
+    from . import gaussian_tiles as gt
+    from . import landmark_refine as lr
+    from . import landmark_solve as ls
+
+    f32, i32 = "fp32", "i32"
+    launches = []
+    for block_d in head_dims or gt.HEAD_DIMS:
+        for m_pad in m_pads or ls.M_PADS:
+            cfg = lr.refine_config(m_pad, block_d, DTYPES[dtype])
+            blocks = (("BLOCK_M", cfg["BLOCK_M"]), ("CHUNK_D", cfg["CHUNK_D"]))
+            launches += [
+                Launch("lloyd_assign_kernel", "refine", dtype, (("ASSIGN", i32), ("COUNTS", f32), ("SUMS", f32)),
+                       (("BLOCK_N", cfg["BLOCK_N"]),) + blocks + (("UPCAST", False), ("PRECISION", cfg["PRECISION"])),
+                       cfg["num_warps"], 3, "landmark_refine", maxnreg=lr.ASSIGN_MAX_REGISTERS),
+                Launch("lloyd_update_kernel", "refine", dtype, (("COUNTS", f32), ("COUNTS_OUT", f32), ("SUMS", f32)),
+                       blocks + (("MASK_BLOCK", lr.MASK_BLOCK),), 4, 3, "landmark_refine"),
+                Launch("lloyd_grad_kernel", "refine", dtype, (("ASSIGN", i32), ("COUNTS", f32), ("GRAD_L", f32)),
+                       (("BLOCK_N", cfg["GRAD_BLOCK_N"]), ("CHUNK_D", cfg["GRAD_CHUNK_D"])), 4, 3, "landmark_refine",
+                       maxnreg=lr.GRAD_MAX_REGISTERS),
+            ]
     return launches
 
 
@@ -190,7 +219,7 @@ def launches(dtypes=None, head_dims=None, m_pads=None, kernels=None) -> list[Lau
     solve / kernels whose name contains one of `kernels`)."""
     every = [launch for dtype in dtypes or DTYPES
              for launch in (_stage_launches(dtype, head_dims) + _solve_launches(dtype, head_dims, m_pads)
-                            + _landmark_launches(dtype, head_dims, m_pads))]
+                            + _landmark_launches(dtype, head_dims, m_pads) + _refine_launches(dtype, head_dims, m_pads))]
     return [launch for launch in every if not kernels or any(k in launch.kernel for k in kernels)]
 
 

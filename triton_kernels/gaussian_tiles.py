@@ -47,7 +47,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Sizes, head counts and the mask flag take any value (1 included): not specialised, so that one compiled
 # variant serves every call and compile_check sees exactly the signatures launches use.
-RUNTIME_INTS = ["n_rows", "n_keys", "heads", "kv_heads", "group", "has_mask", "m"]
+RUNTIME_INTS = ["n_rows", "n_keys", "heads", "kv_heads", "group", "has_mask", "m", "refine_steps"]
 
 
 def kernel_with_runtime_ints(runtime_ints):

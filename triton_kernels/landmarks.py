@@ -16,7 +16,8 @@ Backward, one launch (``landmark_grad_scatter_kernel``, a program per (batch, kv
 parts — split partials from the query apply and from the key summary, and the landmark solve's Gram term —
 which the program adds on load and scatter-adds into dq (query landmarks) and dk (key landmarks, summed over
 the GQA group). Landmarks are visited one after another, so repeated landmarks accumulate in a fixed order:
-deterministic, no atomics.
+deterministic, no atomics. With landmark refinement it also writes the total dL per (batch, head) for
+landmark_refine's backward, and a seed receives dL only if its landmark got no row in any Lloyd step.
 """
 
 from __future__ import annotations
@@ -124,20 +125,32 @@ def landmark_rows_kernel(Q, K, MASK, DRAWS, INDICES_IN, INDICES_OUT, L,
         tl.store(l_rows + cols[None, :] * sl_d, rows, mask=in_range[:, None] & inside)
 
 
+@triton.jit
+def _seed_passes(count_base, sc_t, slot, steps):
+    """Whether a seed's gradient reaches its row: its landmark got no point in any refinement step (always, with
+    no step). landmark_refine.passes_on's rule from step 0."""
+    passes = slot >= 0
+    for step in range(0, steps):
+        passes = passes & (tl.load(count_base + step * sc_t + slot) == 0.0)
+    return passes
+
+
 @_kernel
-def landmark_grad_scatter_kernel(INDICES, MASK, GRAD_QA, GRAD_KS, GRAD_SOLVE, GRAD_Q, GRAD_K,
+def landmark_grad_scatter_kernel(INDICES, MASK, GRAD_QA, GRAD_KS, GRAD_SOLVE, GRAD_Q, GRAD_K, COUNTS, GRAD_TOTAL,
                                  sidx_b, sm_b, sm_r, sqa_s, sqa_b, sqa_h, sqa_r, sqa_d, sks_s, sks_b, sks_h, sks_r,
                                  sks_d, sgs_b, sgs_h, sgs_r, sgs_d, sdq_b, sdq_h, sdq_r, sdq_d, sdk_b, sdk_h, sdk_r,
-                                 sdk_d, n_q, n_k, m, kv_heads, group, query_splits, key_splits, dim, has_mask,
+                                 sdk_d, sc_t, sc_b, sc_h, st_b, st_h, st_r, n_q, n_k, m, kv_heads, group,
+                                 query_splits, key_splits, dim, has_mask, refine_steps,
                                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bk = tl.program_id(0)
     batch = (pid_bk // kv_heads).to(tl.int64)
     kv_head = (pid_bk % kv_heads).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < dim
-    # A batch row with no valid key had zero landmark rows, taken from no row: nothing to scatter.
-    valid_keys = _valid_key_count(MASK + batch * sm_b, sm_r, n_k, has_mask, BLOCK_N)
-    for slot in range(0, tl.where(valid_keys > 0, m, 0)):
+    # A batch row with no valid key had zero landmark rows, taken from no row: nothing to scatter (with
+    # refinement its total dL is still written: the refine backward reads every slot).
+    has_keys = _valid_key_count(MASK + batch * sm_b, sm_r, n_k, has_mask, BLOCK_N) > 0
+    for slot in range(0, tl.where(has_keys | (refine_steps > 0), m, 0)):
         row = tl.load(INDICES + batch * sidx_b + slot)
         key_grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for member in range(0, group):
@@ -150,13 +163,17 @@ def landmark_grad_scatter_kernel(INDICES, MASK, GRAD_QA, GRAD_KS, GRAD_SOLVE, GR
             offset = batch * sks_b + head * sks_h + slot * sks_r
             for split in range(0, key_splits):
                 grad += tl.load(GRAD_KS + split * sks_s + offset + cols * sks_d, mask=inside, other=0.0)
-            if row < n_q:
+            if refine_steps > 0:  # the refine backward hands the rest of dL to the rows of the clusters
+                tl.store(GRAD_TOTAL + batch * st_b + head * st_h + slot * st_r + cols, grad, mask=inside)
+                grad = tl.where(_seed_passes(COUNTS + batch * sc_b + head * sc_h, sc_t, slot, refine_steps), grad,
+                                0.0)
+            if has_keys & (row < n_q):
                 target = GRAD_Q + batch * sdq_b + head * sdq_h + row * sdq_r + cols * sdq_d
                 total = tl.load(target, mask=inside, other=0.0).to(tl.float32) + grad
                 tl.store(target, total.to(GRAD_Q.dtype.element_ty), mask=inside)
             else:
                 key_grad += grad
-        if row >= n_q:
+        if has_keys & (row >= n_q):
             target = GRAD_K + batch * sdk_b + kv_head * sdk_h + (row - n_q) * sdk_r + cols * sdk_d
             total = tl.load(target, mask=inside, other=0.0).to(tl.float32) + key_grad
             tl.store(target, total.to(GRAD_K.dtype.element_ty), mask=inside)
@@ -186,17 +203,29 @@ def forward(q, k, key_mask, m: int, indices=None, draws=None):
     return landmarks, out_indices
 
 
-def backward_into(grad_q, grad_k, indices, key_mask, grad_from_queries, grad_from_keys, grad_from_solve) -> None:
+def backward_into(grad_q, grad_k, indices, key_mask, grad_from_queries, grad_from_keys, grad_from_solve,
+                  refine_counts=None):
     """Adds dL = sum of the query apply's split partials + the key summary's split partials + the solve's
     Gram term into grad_q / grad_k at the landmark rows, in place (one launch); batch rows with no valid key
-    (zero landmark rows) get nothing."""
+    (zero landmark rows) get nothing.
+
+    With refinement (``refine_counts``: the (steps, b, H, m) counts of landmark_refine.forward) a seed gets dL
+    only where its landmark never moved, and the total dL is returned, (b, H, m, p) float32, for
+    landmark_refine.backward_into; else None."""
     batch, heads, m, dim = grad_from_solve.shape
     kv_heads = grad_k.shape[1]
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, grad_k.device)
+    steps = 0 if refine_counts is None else refine_counts.shape[0]
+    grad_total = (torch.empty(batch, heads, m, dim, dtype=torch.float32, device=grad_q.device) if steps
+                  else None)
+    counts = refine_counts if steps else grad_from_solve  # unread float32 placeholders without refinement
+    total = grad_total if steps else grad_from_solve
     landmark_grad_scatter_kernel[(batch * kv_heads,)](
-        indices, mask, grad_from_queries, grad_from_keys, grad_from_solve, grad_q, grad_k, indices.stride(0), sm_b,
-        sm_r, *grad_from_queries.stride(), *grad_from_keys.stride(), *grad_from_solve.stride(), *grad_q.stride(),
-        *grad_k.stride(), grad_q.shape[2], grad_k.shape[2], m, kv_heads, heads // kv_heads,
-        grad_from_queries.shape[0], grad_from_keys.shape[0], dim, has_mask,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=SCATTER_MASK_BLOCK, num_warps=4,
+        indices, mask, grad_from_queries, grad_from_keys, grad_from_solve, grad_q, grad_k, counts, total,
+        indices.stride(0), sm_b, sm_r, *grad_from_queries.stride(), *grad_from_keys.stride(),
+        *grad_from_solve.stride(), *grad_q.stride(), *grad_k.stride(),
+        *(refine_counts.stride()[:3] if steps else (0, 0, 0)), *total.stride()[:3], grad_q.shape[2],
+        grad_k.shape[2], m, kv_heads, heads // kv_heads, grad_from_queries.shape[0], grad_from_keys.shape[0], dim,
+        has_mask, steps, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=SCATTER_MASK_BLOCK, num_warps=4,
         maxnreg=SCATTER_MAX_REGISTERS)
+    return grad_total

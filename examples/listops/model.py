@@ -34,14 +34,15 @@ class ListOpsClassifier(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, max_length: int, *, pad_id: int = 0,
                  attention: str = "skyformer", num_landmarks: int = 128, embed_dim: int = 64,
-                 hidden_dim: int = 128, num_layers: int = 2, num_heads: int = 2, dropout: float = 0.1):
+                 hidden_dim: int = 128, num_layers: int = 2, num_heads: int = 2, dropout: float = 0.1,
+                 landmark_refine: int = 0):
         super().__init__()
         self.pad_id = pad_id
         self.token_embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.position_embedding = nn.Embedding(max_length, embed_dim)
         self.layers = nn.ModuleList(
             EncoderLayer(embed_dim, hidden_dim, num_heads, dropout, attention=attention,
-                         num_landmarks=num_landmarks) for _ in range(num_layers))
+                         num_landmarks=num_landmarks, landmark_refine=landmark_refine) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(embed_dim)
         self.classifier = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.ReLU(),
                                         nn.Linear(hidden_dim, num_classes))

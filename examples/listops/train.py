@@ -34,7 +34,8 @@ CURVES_FILE = "listops_curves.json"
 PLOT_FILE = "listops_val_accuracy.png"
 # Settings that must match for a checkpoint to be resumed.
 MODEL_AND_DATA_KEYS = ("seed", "train_size", "val_size", "min_length", "max_length", "max_depth", "max_args",
-                       "leaf_probability", "num_landmarks", "batch_size", "lr", "weight_decay", "dropout")
+                       "leaf_probability", "num_landmarks", "landmark_refine", "batch_size", "lr", "weight_decay",
+                       "dropout")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--leaf-probability", type=float, default=0.2)
     parser.add_argument("--num-landmarks", type=int, default=32,
                         help="m for skyformer (the paper: 128 for lengths up to 2000; see README)")
+    parser.add_argument("--landmark-refine", type=int, default=0,
+                        help="Lloyd steps on the landmarks for skyformer (0: the paper's landmarks)")
     parser.add_argument("--eval-interval", type=float, default=20.0,
                         help="validate after every this many seconds of training (0: after every step)")
     parser.add_argument("--seed", type=int, default=0)
@@ -136,7 +139,7 @@ def train_one(args, attention: str, train, val, log) -> dict:
     torch.manual_seed(args.seed)
     model = ListOpsClassifier(len(data.VOCAB), data.NUM_CLASSES, args.max_length, pad_id=data.PAD_ID,
                               attention=attention, num_landmarks=args.num_landmarks,
-                              dropout=args.dropout)
+                              landmark_refine=args.landmark_refine, dropout=args.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, train_time, history = 0, 0.0, []
     path = checkpoint_path(args, attention)
