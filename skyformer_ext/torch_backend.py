@@ -248,35 +248,46 @@ def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[T
     """(new landmarks, counts (b, H, m), assignment (b, H, n_q + n_k) int32, -1 where a row takes no part).
 
     A point tile's squared distances to the m landmarks are |l|^2/2 - x.l (the |x|^2 term is common to a row);
-    the nearest is the first minimum; sums come from one-hot products. The tile of distances and the one-hot
-    tile are the only (rows x m) buffers, TILE_ELEMENTS at most."""
+    the nearest is the first minimum. Rows are added into their landmark's sum with index_add_ on the CPU
+    (sequential: deterministic, O(rows x p)); on CUDA, where index_add_ adds atomically, with one-hot
+    products. Rows that take no part go to an extra slot m that is dropped. The distance tile (and on CUDA the
+    one-hot tile) are the only (rows x m) buffers, TILE_ELEMENTS at most."""
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group, m = heads // kv_heads, landmarks.shape[2]
-    cdtype = landmarks.dtype
+    cdtype, device = landmarks.dtype, q.device
     grouped = landmarks.reshape(batch * kv_heads, group, m, dim)
     half_norm = grouped.square().sum(-1).mul_(0.5).masked_fill_(_shadowed(grouped), torch.inf)[:, :, None, :]
-    sums = torch.zeros_like(grouped)
-    counts = torch.zeros(batch * kv_heads, group, m, dtype=cdtype, device=q.device)
-    assignment = torch.empty(batch * kv_heads, group, n_q + n_k, dtype=torch.int32, device=q.device)
+    sums = torch.zeros(batch * kv_heads, group, m + 1, dim, dtype=cdtype, device=device)
+    counts = torch.zeros(batch * kv_heads, group, m + 1, dtype=cdtype, device=device)
+    slot_base = torch.arange(batch * kv_heads * group, device=device).view(batch * kv_heads, group, 1) * (m + 1)
+    assignment = torch.empty(batch * kv_heads, group, n_q + n_k, dtype=torch.int32, device=device)
     query_valid, key_valid = (v.repeat_interleave(kv_heads, dim=0)
-                              for v in _point_validity(key_mask, batch, n_q, n_k, q.device))
-    landmark_ids = torch.arange(m, device=q.device)
+                              for v in _point_validity(key_mask, batch, n_q, n_k, device))
     tile = max(TILE_ELEMENTS // max(batch * heads * m, 1), 16)
     parts = ((q.reshape(batch * kv_heads, group, n_q, dim), query_valid, 0),
              (k.reshape(batch * kv_heads, 1, n_k, dim), key_valid, n_q))
     for rows, valid, offset in parts:
         for r0 in range(0, rows.shape[2], tile):
-            keep = valid[:, None, r0:r0 + tile, None]
-            x = rows[:, :, r0:r0 + tile].to(cdtype).masked_fill(~keep, 0.0)  # padding may hold NaN
+            x = rows[:, :, r0:r0 + tile].to(cdtype)
+            keep = valid[:, None, r0:r0 + tile]
+            if key_mask is not None:
+                x = x.masked_fill(~keep[..., None], 0.0)  # padding may hold NaN
             score = torch.matmul(x, grouped.transpose(-1, -2)).neg_().add_(half_norm)
-            nearest = score.masked_fill_(score.isnan(), torch.inf).argmin(-1)  # NaN as +inf, ties: lower index
-            member = ((nearest[..., None] == landmark_ids) & keep).to(cdtype)
-            sums += torch.matmul(member.transpose(-1, -2), x)
-            counts += member.sum(2)
-            assignment[:, :, offset + r0:offset + r0 + x.shape[2]] = nearest.masked_fill(~keep[..., 0], -1)
-    moved = counts[..., None] > 0
-    new = torch.where(moved, sums / counts.clamp_min(1)[..., None], grouped)
+            # NaN counts as +inf; argmin takes the first minimum: ties go to the lower index.
+            nearest = torch.nan_to_num_(score, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf).argmin(-1)
+            nearest.masked_fill_(~keep, m)
+            assignment[:, :, offset + r0:offset + r0 + x.shape[2]] = nearest.masked_fill(nearest == m, -1)
+            if device.type == "cuda":
+                member = (nearest[..., None] == torch.arange(m + 1, device=device)).to(cdtype)
+                sums += torch.matmul(member.transpose(-1, -2), x)
+                counts += member.sum(2)
+            else:
+                slots = (slot_base + nearest).flatten()
+                sums.view(-1, dim).index_add_(0, slots, x.expand(*nearest.shape, dim).reshape(-1, dim))
+                counts.view(-1).index_add_(0, slots, torch.ones((), dtype=cdtype, device=device).expand(len(slots)))
+    sums, counts = sums[:, :, :m], counts[:, :, :m].contiguous()
+    new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], grouped)
     return (new.reshape(batch, heads, m, dim), counts.reshape(batch, heads, m),
             assignment.reshape(batch, heads, n_q + n_k))
 
