@@ -3,15 +3,19 @@
 Fuzzed: batch 1-2, GQA head layouts (kv heads dividing heads), query and key lengths from 1 (cross- and
 self-attention), odd head dims, 2 landmarks up to more than n_q + n_k (rows repeat), key masks (none,
 random, a fully masked batch row, a single valid key) with NaN or Inf stored under the padding, every dtype
-a backend accepts, scale, ridge, both inverses, ns_iters, and random (seeded generator), strided or given
-landmarks (sampled, or arbitrary rows). Properties, each a pair of tests: the CPU backends ("torch",
+a backend accepts, scale, ridge, both inverses, ns_iters, random (seeded generator), strided or given
+landmarks (sampled, or arbitrary rows), and landmark refinement (0-2 Lloyd steps; 0-1 on triton, whose
+half-precision intermediate landmarks are rounded to the input dtype, so that a second step's assignment may
+legitimately differ from float64 on near ties). Properties, each a pair of tests: the CPU backends ("torch",
 "reference") and "triton" (Triton's interpreter here: seconds per call, so smaller shapes, fewer examples):
 
 - accuracy: the output and dq, dk, dv of a random output gradient match the float64 reference backend run
   with the same landmark rows, ridge, inverse and ns_iters;
 - garbage under padded keys changes no output or gradient (bit for bit) and padded keys get zero gradients;
-- NaN in one valid query row that is not a landmark gives NaN in that output row and nowhere else;
-- permuting the key axis (keys, values, mask, landmark indices) changes the result only by rounding;
+- NaN in one valid query row that is not a landmark gives NaN in that output row and nowhere else (with
+  landmark refinement, in every output of its (batch, head) when the row takes part in the Lloyd steps);
+- permuting the key axis (keys, values, mask, landmark indices; in self-attention with a mask the queries
+  too) changes the result only by rounding;
 - reruns with deterministic=True are bit-identical (outputs and gradients);
 - a batch row whose keys are all masked returns zeros with zero gradients.
 
@@ -89,12 +93,14 @@ class Space:
     max_len: int
     max_landmarks: int
     max_ns_iters: int
+    max_refine: int
 
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 CPU = Space(("torch", "reference"), ALL_DTYPES, max_batch_heads=12, max_len=40, max_landmarks=96,
-            max_ns_iters=6)
-TRITON = Space(("triton",), ALL_DTYPES[1:], max_batch_heads=4, max_len=12, max_landmarks=20, max_ns_iters=2)
+            max_ns_iters=6, max_refine=2)
+TRITON = Space(("triton",), ALL_DTYPES[1:], max_batch_heads=4, max_len=12, max_landmarks=20, max_ns_iters=2,
+               max_refine=1)
 
 MASK_KINDS = ("none", "random", "fully_masked_row", "single_valid_key")
 GARBAGE = (None, float("nan"), float("inf"), float("-inf"))  # stored under padded keys; None: random values
@@ -118,6 +124,7 @@ class Case:
     landmarks: str  # "random" or "strided" (sampled inside the call) or "given" (landmark_indices passed)
     landmark_seed: int
     landmark_indices: torch.Tensor  # (batch, m): exactly the rows a "random"/"strided" call samples
+    landmark_refine: int
     grad_seed: int
 
     @property
@@ -195,7 +202,8 @@ def cases(draw, space: Space, *, fns=("skyformer", "kernelized"), mask_kinds=MAS
         inverse=draw(st.sampled_from(("newton_schulz", "cholesky"))),
         ns_iters=draw(st.integers(1, space.max_ns_iters)),
         landmarks=choice if choice in ("random", "strided") else "given", landmark_seed=landmark_seed,
-        landmark_indices=indices, grad_seed=draw(st.integers(0, 2**32 - 1)))
+        landmark_indices=indices, landmark_refine=draw(st.integers(0, space.max_refine)),
+        grad_seed=draw(st.integers(0, 2**32 - 1)))
 
 
 # ---- running a case ---------------------------------------------------------------------------------------
@@ -211,15 +219,18 @@ def attention(case: Case, q, k, v) -> torch.Tensor:
                                 generator=torch.Generator().manual_seed(case.landmark_seed))
     return sx.skyformer_attention(q, k, v, attn_mask=case.attn_mask, ridge=case.ridge, inverse=case.inverse,
                                   ns_iters=case.ns_iters, scale=case.scale, backend=case.backend,
-                                  deterministic=True, **landmark_options)
+                                  deterministic=True, landmark_refine=case.landmark_refine, **landmark_options)
 
 
-def run(case: Case) -> tuple[torch.Tensor, ...]:
-    """(out, dq, dk, dv) for the case's random output gradient."""
+def run(case: Case, query_order=None) -> tuple[torch.Tensor, ...]:
+    """(out, dq, dk, dv) for the case's random output gradient (its query rows taken in query_order, for a
+    call on permuted queries)."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (case.q, case.k, case.v))
     out = attention(case, q, k, v)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.grad_seed),
                            dtype=torch.float64)
+    if query_order is not None:
+        grad_out = grad_out[:, :, query_order]
     out.backward(grad_out.to(out.dtype))
     return out.detach(), q.grad, k.grad, v.grad
 
@@ -319,9 +330,17 @@ def check_nan_query_row_stays_in_its_row(case: Case, data) -> None:
     q = case.q.clone()
     q[b, h, i, j] = float("nan")
     out = forward(replace(case, q=q))
-    assert out[b, h, i].isnan().all(), "the poisoned query's output row is not all NaN"
+    # With refinement a query row that takes part in the Lloyd steps (every query row, but padded ones in
+    # self-attention with a mask) enters the landmark means: its whole head becomes NaN.
+    padded_query = case.attn_mask is not None and n_q == case.k.shape[2] and not case.attn_mask[b, i]
+    spreads = case.fn == "skyformer" and case.landmark_refine > 0 and not padded_query
+    poisoned = out[b, h] if spreads else out[b, h, i]
+    assert poisoned.isnan().all(), "the poisoned query's output row (or head, with refinement) is not all NaN"
     others = torch.ones(out.shape[:3], dtype=torch.bool)
-    others[b, h, i] = False
+    if spreads:
+        others[b, h] = False
+    else:
+        others[b, h, i] = False
     assert out[others].isfinite().all(), "NaN or Inf reached another output row"
 
 
@@ -355,16 +374,22 @@ PERMUTATION_EPS_MULTIPLE = {torch.float64: 500, torch.float32: 500, torch.bfloat
 def check_key_permutation(case: Case, permutation: list[int]) -> None:
     perm = torch.tensor(permutation, dtype=torch.int64)
     n_q = case.q.shape[2]
-    # Key j moves to position new_position[j]; landmark rows follow their keys.
+    # In self-attention with a mask, the mask also marks the valid query rows (which landmark refinement
+    # reads): there the queries move with the keys, a joint permutation of the sequence.
+    joint = case.attn_mask is not None and n_q == case.k.shape[2]
+    # Key j moves to position new_position[j]; landmark rows follow their keys (and queries, when joint).
     new_position = torch.argsort(perm)
     indices = case.landmark_indices
-    remapped = torch.where(indices >= n_q, n_q + new_position[(indices - n_q).clamp(min=0)], indices)
-    permuted = case.explicit(k=case.k[:, :, perm], v=case.v[:, :, perm], landmark_indices=remapped,
+    remapped = torch.where(indices >= n_q, n_q + new_position[(indices - n_q).clamp(min=0)],
+                           new_position[indices.clamp(max=n_q - 1)] if joint else indices)
+    q = case.q[:, :, perm] if joint else case.q
+    permuted = case.explicit(q=q, k=case.k[:, :, perm], v=case.v[:, :, perm], landmark_indices=remapped,
                              attn_mask=None if case.attn_mask is None else case.attn_mask[:, perm])
     out, dq, dk, dv = run(case.explicit())
-    expected = (out, dq, dk[:, :, perm], dv[:, :, perm])
+    expected = (out[:, :, perm], dq[:, :, perm]) if joint else (out, dq)
+    expected = (*expected, dk[:, :, perm], dv[:, :, perm])
     eps = torch.finfo(case.dtype).eps
-    for name, want, got in zip(OUTPUT_NAMES, expected, run(permuted)):
+    for name, want, got in zip(OUTPUT_NAMES, expected, run(permuted, perm if joint else None)):
         bound = PERMUTATION_EPS_MULTIPLE[case.dtype] * eps * (want.abs().max().item() if want.numel() else 0.0)
         error = max_error(got, want)
         assert error <= bound, f"{name}: permuted keys changed it by {error:.3e} > {bound:.3e}"
