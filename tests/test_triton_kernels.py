@@ -93,30 +93,35 @@ def test_kernelized_attention_matches_reference(dtype, batch, heads, kv_heads, n
         assert out[-1].abs().max() == 0 and grad_k[-1].abs().max() == 0 and grad_v[-1].abs().max() == 0
 
 
-# (dtype, batch, heads, kv_heads, n_q, n_k, p, m, mask, inverse)
+# (dtype, batch, heads, kv_heads, n_q, n_k, p, m, mask, inverse, ns_iters)
+# The interpreter runs the landmark solve one (batch, head) matrix at a time, so the cases keep (batch * heads)
+# small and GQA (heads > kv_heads) wherever it was. The default ns_iters (6) runs once per dtype (the first
+# Newton-Schulz case of each); the shape edge cases (n_q = 1, n_k = 1, m = 2, p = 256) iterate twice: the solve's
+# accuracy for every iteration count is tests/test_triton_solve.py's subject (ns_iters 1, 2, 3 and 6 there).
 SKYFORMER_CASES = [
-    (torch.float32, 2, 2, 2, 97, 97, 64, 16, "with_empty_row", "newton_schulz"),
-    (torch.float32, 1, 4, 2, 256, 97, 80, 64, "none", "cholesky"),
-    (torch.float32, 2, 2, 1, 1, 17, 16, 2, "random", "newton_schulz"),
-    (torch.float32, 1, 2, 2, 17, 256, 16, 64, "random", "cholesky"),
-    (torch.float32, 1, 2, 1, 33, 17, 256, 16, "with_empty_row", "newton_schulz"),
-    (torch.float32, 1, 2, 2, 17, 33, 160, 16, "random", "cholesky"),
-    (torch.float16, 2, 4, 2, 97, 61, 80, 16, "with_empty_row", "newton_schulz"),
-    (torch.float16, 1, 2, 2, 256, 256, 64, 64, "none", "cholesky"),
-    (torch.float16, 1, 2, 1, 17, 1, 16, 2, "none", "newton_schulz"),
-    (torch.bfloat16, 2, 4, 1, 61, 97, 64, 16, "random", "newton_schulz"),
-    (torch.bfloat16, 1, 2, 2, 1, 97, 80, 64, "with_empty_row", "cholesky"),
+    (torch.float32, 2, 2, 2, 97, 97, 64, 16, "with_empty_row", "newton_schulz", 6),
+    (torch.float32, 1, 2, 1, 256, 97, 80, 64, "none", "cholesky", 6),
+    (torch.float32, 2, 2, 1, 1, 17, 16, 2, "random", "newton_schulz", 2),
+    (torch.float32, 1, 2, 2, 17, 256, 16, 64, "random", "cholesky", 6),
+    (torch.float32, 1, 2, 1, 33, 17, 256, 16, "with_empty_row", "newton_schulz", 2),
+    (torch.float32, 1, 2, 2, 17, 33, 160, 16, "random", "cholesky", 6),
+    (torch.float16, 2, 2, 1, 97, 61, 80, 16, "with_empty_row", "newton_schulz", 6),
+    (torch.float16, 1, 2, 2, 256, 256, 64, 64, "none", "cholesky", 6),
+    (torch.float16, 1, 2, 1, 17, 1, 16, 2, "none", "newton_schulz", 2),
+    (torch.bfloat16, 1, 4, 1, 61, 97, 64, 16, "random", "newton_schulz", 6),
+    (torch.bfloat16, 1, 2, 2, 1, 97, 80, 64, "with_empty_row", "cholesky", 6),
 ]
 
 
-@pytest.mark.parametrize("dtype,batch,heads,kv_heads,n_q,n_k,p,m,mask_kind,inverse", SKYFORMER_CASES)
-def test_skyformer_matches_reference(dtype, batch, heads, kv_heads, n_q, n_k, p, m, mask_kind, inverse):
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,n_q,n_k,p,m,mask_kind,inverse,ns_iters", SKYFORMER_CASES)
+def test_skyformer_matches_reference(dtype, batch, heads, kv_heads, n_q, n_k, p, m, mask_kind, inverse, ns_iters):
     q, k, v, mask = _inputs(batch, heads, kv_heads, n_q, n_k, p, p, dtype, mask_kind)
     idx = sky.sample_landmarks(batch, n_q, n_k, m, attn_mask=mask)
     _check_against_reference(
         lambda q, k, v: sky.skyformer_attention(q, k, v, landmark_indices=idx, attn_mask=mask, inverse=inverse,
-                                                backend="triton"),
-        lambda q, k, v: reference.skyformer_attention(q, k, v, idx, attn_mask=mask, inverse=inverse),
+                                                ns_iters=ns_iters, backend="triton"),
+        lambda q, k, v: reference.skyformer_attention(q, k, v, idx, attn_mask=mask, inverse=inverse,
+                                                      ns_iters=ns_iters),
         (q, k, v), dtype, ("out", "dq", "dk", "dv"))
 
 
@@ -230,10 +235,11 @@ def test_deterministic_false_adds_split_partials_atomically_and_matches_referenc
         dtype, batch, heads, kv_heads, n_q, n_k, p, m, mask_kind, atomic_launches):
     q, k, v, mask = _inputs(batch, heads, kv_heads, n_q, n_k, p, p, dtype, mask_kind)
     idx = sky.sample_landmarks(batch, n_q, n_k, m, attn_mask=mask)
+    # One Newton-Schulz iteration: the atomics are in the split n-sized stages, the solve has no splits.
     _check_against_reference(
         lambda q, k, v: sky.skyformer_attention(q, k, v, landmark_indices=idx, attn_mask=mask, backend="triton",
-                                                deterministic=False),
-        lambda q, k, v: reference.skyformer_attention(q, k, v, idx, attn_mask=mask),
+                                                deterministic=False, ns_iters=1),
+        lambda q, k, v: reference.skyformer_attention(q, k, v, idx, attn_mask=mask, ns_iters=1),
         (q, k, v), dtype, ("out", "dq", "dk", "dv"))
     assert any(atomic_launches), atomic_launches  # (few programs under the interpreter: the key summary splits)
     atomic_launches.clear()
@@ -262,8 +268,9 @@ def test_same_input_gives_bit_identical_outputs_and_gradients():
     def once(fn):
         return _run(fn, (q, k, v), grad)
 
+    # One Newton-Schulz iteration: the split reductions are in the n-sized stages (one program per matrix solves).
     for fn in (lambda q, k, v: sky.skyformer_attention(q, k, v, landmark_indices=idx, attn_mask=mask,
-                                                       backend="triton"),
+                                                       backend="triton", ns_iters=1),
                lambda q, k, v: sky.kernelized_attention(q, k, v, attn_mask=mask, backend="triton",
                                                         deterministic=True)):
         first, second = once(fn), once(fn)
@@ -277,13 +284,15 @@ def test_custom_ops_pass_opcheck():
     indices = sky.sample_landmarks(1, 19, 23, 5, attn_mask=mask)
     draws = landmark_draws(1, 5, None, "cpu")
     cases = []
+    # ns_iters = 1: opcheck runs each op several times, and checks registration (schema, fake, autograd, AOT
+    # dispatch), which the iteration count does not change (a runtime int of the same kernels).
     for deterministic in (True, False):
         cases += [
             (torch.ops.skyformer_ext.kernelized_attention, (q, k, v, mask, scale, deterministic)),
             (torch.ops.skyformer_ext.skyformer_attention,
-             (q, k, v, mask, indices, None, 5, scale, 0.1, "newton_schulz", 6, deterministic, 0)),
+             (q, k, v, mask, indices, None, 5, scale, 0.1, "newton_schulz", 1, deterministic, 0)),
             (torch.ops.skyformer_ext.skyformer_attention,  # with one landmark refinement step
-             (q, k, v, mask, None, draws, 5, scale, 0.1, "newton_schulz", 3, deterministic, 1)),
+             (q, k, v, mask, None, draws, 5, scale, 0.1, "newton_schulz", 1, deterministic, 1)),
         ]
     for op, args in cases:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
