@@ -163,3 +163,89 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             return triton_backend.kernelized_attention(q, k, v, attn_mask,
                                                        _checks.default_scale(scale, q.shape[-1]), deterministic)
         return torch_backend.kernelized_attention(q, k, v, attn_mask, _checks.default_scale(scale, q.shape[-1]))
+
+
+# ---- packed variable-length sequences ----------------------------------------------------------------------
+
+def _packed_backend(backend: str) -> str:
+    """Packed calls run on "torch" (the default for "auto", CPU and CUDA) or "reference"; the fused Triton
+    kernels do not take the packed layout yet."""
+    _checks.check_choice("backend", backend, BACKENDS)
+    if backend == "triton":
+        raise ValueError("backend='triton' does not take packed sequences yet; use backend='torch' (the default "
+                         "for 'auto') or 'reference'")
+    return "torch" if backend == "auto" else backend
+
+
+def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                               num_landmarks: int = 128, landmarks: str = "random",
+                               landmark_indices: torch.Tensor | None = None,
+                               generator: torch.Generator | None = None, ridge: float = 0.1,
+                               inverse: str = "newton_schulz", ns_iters: int = 6, scale: float | None = None,
+                               backend: str = "auto", deterministic: bool = True,
+                               landmark_refine: int = 0) -> torch.Tensor:
+    """Skyformer on packed variable-length sequences, in flash-attn's varlen layout.
+
+    Args:
+        q: (total_q, heads, p); k: (total_k, kv_heads, p); v: (total_k, kv_heads, p_v).
+        cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) on q's device: sequence s holds query rows
+            cu_seqlens_q[s]:cu_seqlens_q[s + 1] and key rows cu_seqlens_k[s]:cu_seqlens_k[s + 1]. They start
+            at 0, never decrease and end at total_q / total_k.
+        max_seqlen_q, max_seqlen_k: Python ints bounding the sequence lengths.
+        landmark_indices: optional (num_seqs, m) rows of each sequence's own [q_s; k_s] (0..len_q - 1 its
+            queries, then its keys): a packed call then equals a loop of dense calls with those landmarks.
+        Every other option as in :func:`skyformer_attention` (``landmark_refine`` > 0 needs
+        backend="reference" for now).
+
+    Returns:
+        (total_q, heads, p_v) in q's dtype. Each sequence is its own Skyformer problem (its own landmarks,
+        Gram, solve and key summary); a sequence without keys gets zeros, a sequence shorter than m repeats
+        landmark rows (sampling with replacement).
+    """
+    from . import varlen
+
+    varlen.check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
+                                    backend, landmark_refine)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if landmark_indices is not None:
+        varlen.check_packed_landmark_indices(landmark_indices, lengths_q, lengths_k, q.device)
+    backend = _packed_backend(backend)
+    if landmark_refine and backend != "reference":
+        raise ValueError("landmark_refine > 0 with packed sequences needs backend='reference' for now")
+    q, k, v = autocast_inputs(q, k, v)
+    scale = _checks.default_scale(scale, q.shape[-1])
+    if landmark_indices is None:
+        draws = (landmark_draws(lengths_q.shape[0], num_landmarks, generator, q.device) if landmarks == "random"
+                 else None)
+        landmark_indices = varlen.sample_packed_landmarks(lengths_q, lengths_k, num_landmarks, landmarks, draws)
+    with without_autocast(q.device):
+        if backend == "reference":
+            return varlen.skyformer_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, landmark_indices, ridge, inverse,
+                                              ns_iters, scale, landmark_refine)
+        return varlen.skyformer_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, landmark_indices, ridge, inverse,
+                                      ns_iters, scale)
+
+
+def kernelized_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                                scale: float | None = None, backend: str = "auto",
+                                deterministic: bool = True) -> torch.Tensor:
+    """Exact kernelized attention per packed sequence, layout and conventions of
+    :func:`skyformer_attention_varlen`; a sequence without keys gets zeros."""
+    from . import varlen
+
+    varlen.check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _checks.check_scale(scale)
+    _checks.check_bool("deterministic", deterministic)
+    backend = _packed_backend(backend)
+    q, k, v = autocast_inputs(q, k, v)
+    scale = _checks.default_scale(scale, q.shape[-1])
+    with without_autocast(q.device):
+        if backend == "reference":
+            return varlen.kernelized_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+        return varlen.kernelized_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
