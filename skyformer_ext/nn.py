@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from .api import kernelized_attention, skyformer_attention
+from .api import kernelized_attention, kernelized_attention_varlen, skyformer_attention, skyformer_attention_varlen
 
 __all__ = ["SkyformerAttention", "ATTENTIONS"]
 
@@ -146,8 +146,17 @@ class SkyformerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, landmark_indices: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                max_seqlen_k: int | None = None) -> torch.Tensor:
         """Attends from ``x`` to ``context`` (default: ``x`` itself, i.e. self-attention).
+
+        Packed sequences: with ``cu_seqlens`` (int32, num_seqs + 1) and ``max_seqlen``, ``x`` is
+        (total_tokens, embed_dim) in flash-attn's varlen layout and each sequence attends only to itself (or,
+        with ``context`` (total_k, context_dim), ``cu_seqlens_k`` and ``max_seqlen_k``, to its own context
+        rows); the output is (total_tokens, embed_dim). ``key_padding_mask`` does not apply (packing has no
+        padding); ``landmark_indices`` is then (num_seqs, m), rows of each sequence's own [q; k]. See
+        :func:`skyformer_ext.skyformer_attention_varlen`.
 
         Args:
             x: (batch, n_q, embed_dim), or (n_q, batch, embed_dim) when ``batch_first=False``.
@@ -159,6 +168,12 @@ class SkyformerAttention(nn.Module):
                 reads their values, so leave this None inside ``torch.compile(fullgraph=True)``.
             generator: optional torch.Generator for reproducible landmark sampling (eager mode).
         """
+        if cu_seqlens is not None or cu_seqlens_k is not None:
+            if key_padding_mask is not None:
+                raise ValueError("key_padding_mask does not apply to packed input (cu_seqlens): packed sequences "
+                                 "hold no padding")
+            return self._forward_packed(x, context, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
+                                        landmark_indices, generator)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be a 3-D tensor with last dim embed_dim={self.embed_dim}, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -190,6 +205,39 @@ class SkyformerAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         return out if self.batch_first else out.transpose(0, 1)
 
+    def _forward_packed(self, x, context, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, landmark_indices,
+                        generator) -> torch.Tensor:
+        if cu_seqlens is None or max_seqlen is None:
+            raise ValueError("packed input needs both cu_seqlens and max_seqlen")
+        if context is None and cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k is for cross-attention: pass context as well")
+        if context is not None and (cu_seqlens_k is None or max_seqlen_k is None):
+            raise ValueError("packed cross-attention needs cu_seqlens_k and max_seqlen_k for context")
+        source, cu_k, max_k = (x, cu_seqlens, max_seqlen) if context is None else (context, cu_seqlens_k,
+                                                                                   max_seqlen_k)
+        for name, t, width in (("x", x, self.embed_dim), ("context", source, self.context_dim)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[-1] != width:
+                raise ValueError(f"packed {name} must be a 2-D (total_tokens, {width}) tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(source).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(source).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        lengths = (cu_seqlens, cu_k, max_seqlen, max_k)
+        if self.attention == "skyformer":
+            strategy = self.landmarks if self.training else self.eval_landmarks
+            out = skyformer_attention_varlen(q, k, v, *lengths, num_landmarks=self.num_landmarks,
+                                             landmarks=strategy, landmark_indices=landmark_indices,
+                                             generator=generator, ridge=self.ridge, inverse=self.inverse,
+                                             ns_iters=self.ns_iters, scale=self.scale, backend=self.backend,
+                                             deterministic=self.deterministic, landmark_refine=self.landmark_refine)
+        elif self.attention == "kernelized":
+            out = kernelized_attention_varlen(q, k, v, *lengths, scale=self.scale, backend=self.backend,
+                                              deterministic=self.deterministic)
+        else:
+            out = _packed_softmax_attention(q, k, v, cu_seqlens, cu_k, self.scale)
+        out = F.dropout(out, self.dropout, self.training)
+        return self.out_proj(out.flatten(1))
+
     def _attend(self, q, k, v, key_keep, landmark_indices, generator) -> torch.Tensor:
         if self.attention == "skyformer":
             strategy = self.landmarks if self.training else self.eval_landmarks
@@ -214,3 +262,16 @@ def _softmax_attention(q, k, v, key_keep, scale) -> torch.Tensor:
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out * has_key[:, :, None, None].to(out.dtype)
 
+
+def _packed_softmax_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale) -> torch.Tensor:
+    """The softmax baseline on packed sequences: SDPA per sequence (a Python loop: the baseline kernel, not a
+    fused varlen one). A sequence without keys gets zeros, like the other kernels."""
+    outputs = []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
+        if k1 == k0:
+            outputs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[-1]))
+            continue
+        dense = [t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])]
+        outputs.append(_softmax_attention(*dense, None, scale)[0].transpose(0, 1))
+    return torch.cat(outputs) if outputs else q.new_zeros(0, q.shape[1], v.shape[-1])
