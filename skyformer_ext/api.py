@@ -195,8 +195,8 @@ def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         max_seqlen_q, max_seqlen_k: Python ints bounding the sequence lengths.
         landmark_indices: optional (num_seqs, m) rows of each sequence's own [q_s; k_s] (0..len_q - 1 its
             queries, then its keys): a packed call then equals a loop of dense calls with those landmarks.
-        Every other option as in :func:`skyformer_attention` (``landmark_refine`` > 0 needs
-        backend="reference" for now).
+        Every other option as in :func:`skyformer_attention` (``landmark_refine``: Lloyd steps per
+        sequence, over its own rows).
 
     Returns:
         (total_q, heads, p_v) in q's dtype. Each sequence is its own Skyformer problem (its own landmarks,
@@ -215,8 +215,6 @@ def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if landmark_indices is not None:
         varlen.check_packed_landmark_indices(landmark_indices, lengths_q, lengths_k, q.device)
     backend = _packed_backend(backend)
-    if landmark_refine and backend != "reference":
-        raise ValueError("landmark_refine > 0 with packed sequences needs backend='reference' for now")
     q, k, v = autocast_inputs(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     if landmark_indices is None:
@@ -228,7 +226,7 @@ def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             return varlen.skyformer_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, landmark_indices, ridge, inverse,
                                               ns_iters, scale, landmark_refine)
         return varlen.skyformer_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, landmark_indices, ridge, inverse,
-                                      ns_iters, scale)
+                                      ns_iters, scale, landmark_refine)
 
 
 def kernelized_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

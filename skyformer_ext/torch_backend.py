@@ -242,25 +242,64 @@ def _shadowed(landmarks: Tensor) -> Tensor:
     return (lowest[group] != slot).reshape(*lead, m)
 
 
+def landmark_half_norms(grouped: Tensor) -> Tensor:
+    """|l|^2 / 2 of landmarks (..., m, p) as (..., 1, m); +inf on duplicates of a lower slot (never picked)."""
+    return grouped.square().sum(-1).mul_(0.5).masked_fill_(_shadowed(grouped), torch.inf)[..., None, :]
+
+
+def assign_and_add(x: Tensor, keep: Optional[Tensor], grouped: Tensor, half_norm: Tensor, sums: Tensor,
+                   counts: Tensor) -> Tensor:
+    """One tile of a Lloyd step: each row's nearest landmark, and the rows added into their landmark's sum.
+
+    x (B, g', t, p) rows in the compute dtype (g' = 1 broadcasts over the GQA group), keep (B, 1, t) bool or
+    None (all rows take part), grouped (B, g, m, p) landmarks and their landmark_half_norms. Returns nearest
+    (B, g, t), m where a row takes no part; sums (B, g, m + 1, p) and counts (B, g, m + 1) get the rows, the
+    extra slot m collecting what is dropped. Distances are |l|^2/2 - x.l (the |x|^2 term is common to a row),
+    NaN counts as +inf, ties go to the lower index. Rows are added with index_add_ on the CPU (sequential:
+    deterministic, O(rows x p)); on CUDA, where index_add_ adds atomically, with one-hot products."""
+    m = grouped.shape[-2]
+    if keep is not None:
+        x = x.masked_fill(~keep[..., None], 0.0)  # padding may hold NaN
+    score = torch.matmul(x, grouped.transpose(-1, -2)).neg_().add_(half_norm)
+    nearest = torch.nan_to_num_(score, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf).argmin(-1)
+    if keep is not None:
+        nearest.masked_fill_(~keep, m)
+    if x.device.type == "cuda":
+        member = (nearest[..., None] == torch.arange(m + 1, device=x.device)).to(x.dtype)
+        sums += torch.matmul(member.transpose(-1, -2), x)
+        counts += member.sum(2)
+    else:
+        slot_base = torch.arange(nearest.shape[0] * nearest.shape[1], device=x.device).view(*nearest.shape[:2], 1)
+        slots = (slot_base * (m + 1) + nearest).flatten()
+        dim = x.shape[-1]
+        sums.view(-1, dim).index_add_(0, slots, x.expand(*nearest.shape, dim).reshape(-1, dim))
+        counts.view(-1).index_add_(0, slots, torch.ones((), dtype=x.dtype, device=x.device).expand(len(slots)))
+    return nearest
+
+
+def moved_landmarks(sums: Tensor, counts: Tensor, landmarks: Tensor) -> tuple[Tensor, Tensor]:
+    """(new landmarks, counts) from sums (..., m + 1, p) and counts (..., m + 1): the mean of each landmark's
+    rows, the old position where it got none."""
+    m = landmarks.shape[-2]
+    sums, counts = sums[..., :m, :], counts[..., :m].contiguous()
+    new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], landmarks)
+    return new.contiguous(), counts
+
+
 @torch.library.custom_op("skyformer_ext::lloyd_step_tiled", mutates_args=())
 def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[Tensor]
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """(new landmarks, counts (b, H, m), assignment (b, H, n_q + n_k) int32, -1 where a row takes no part).
-
-    A point tile's squared distances to the m landmarks are |l|^2/2 - x.l (the |x|^2 term is common to a row);
-    the nearest is the first minimum. Rows are added into their landmark's sum with index_add_ on the CPU
-    (sequential: deterministic, O(rows x p)); on CUDA, where index_add_ adds atomically, with one-hot
-    products. Rows that take no part go to an extra slot m that is dropped. The distance tile (and on CUDA the
+    """(new landmarks, counts (b, H, m), assignment (b, H, n_q + n_k) int32, -1 where a row takes no part):
+    assign_and_add over tiles of the query rows, then of the key rows. The distance tile (and on CUDA the
     one-hot tile) are the only (rows x m) buffers, TILE_ELEMENTS at most."""
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group, m = heads // kv_heads, landmarks.shape[2]
     cdtype, device = landmarks.dtype, q.device
     grouped = landmarks.reshape(batch * kv_heads, group, m, dim)
-    half_norm = grouped.square().sum(-1).mul_(0.5).masked_fill_(_shadowed(grouped), torch.inf)[:, :, None, :]
+    half_norm = landmark_half_norms(grouped)
     sums = torch.zeros(batch * kv_heads, group, m + 1, dim, dtype=cdtype, device=device)
     counts = torch.zeros(batch * kv_heads, group, m + 1, dtype=cdtype, device=device)
-    slot_base = torch.arange(batch * kv_heads * group, device=device).view(batch * kv_heads, group, 1) * (m + 1)
     assignment = torch.empty(batch * kv_heads, group, n_q + n_k, dtype=torch.int32, device=device)
     query_valid, key_valid = (v.repeat_interleave(kv_heads, dim=0)
                               for v in _point_validity(key_mask, batch, n_q, n_k, device))
@@ -269,25 +308,10 @@ def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[T
              (k.reshape(batch * kv_heads, 1, n_k, dim), key_valid, n_q))
     for rows, valid, offset in parts:
         for r0 in range(0, rows.shape[2], tile):
-            x = rows[:, :, r0:r0 + tile].to(cdtype)
-            keep = valid[:, None, r0:r0 + tile]
-            if key_mask is not None:
-                x = x.masked_fill(~keep[..., None], 0.0)  # padding may hold NaN
-            score = torch.matmul(x, grouped.transpose(-1, -2)).neg_().add_(half_norm)
-            # NaN counts as +inf; argmin takes the first minimum: ties go to the lower index.
-            nearest = torch.nan_to_num_(score, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf).argmin(-1)
-            nearest.masked_fill_(~keep, m)
-            assignment[:, :, offset + r0:offset + r0 + x.shape[2]] = nearest.masked_fill(nearest == m, -1)
-            if device.type == "cuda":
-                member = (nearest[..., None] == torch.arange(m + 1, device=device)).to(cdtype)
-                sums += torch.matmul(member.transpose(-1, -2), x)
-                counts += member.sum(2)
-            else:
-                slots = (slot_base + nearest).flatten()
-                sums.view(-1, dim).index_add_(0, slots, x.expand(*nearest.shape, dim).reshape(-1, dim))
-                counts.view(-1).index_add_(0, slots, torch.ones((), dtype=cdtype, device=device).expand(len(slots)))
-    sums, counts = sums[:, :, :m], counts[:, :, :m].contiguous()
-    new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], grouped)
+            keep = valid[:, None, r0:r0 + tile] if key_mask is not None else None
+            nearest = assign_and_add(rows[:, :, r0:r0 + tile].to(cdtype), keep, grouped, half_norm, sums, counts)
+            assignment[:, :, offset + r0:offset + r0 + nearest.shape[2]] = nearest.masked_fill(nearest == m, -1)
+    new, counts = moved_landmarks(sums, counts, grouped)
     return (new.reshape(batch, heads, m, dim), counts.reshape(batch, heads, m),
             assignment.reshape(batch, heads, n_q + n_k))
 
@@ -295,7 +319,7 @@ def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[T
 @_lloyd_step_op.register_fake
 def _(q, k, landmarks, key_mask):
     batch, heads, m, _ = landmarks.shape
-    return (torch.empty_like(landmarks), landmarks.new_empty(batch, heads, m),
+    return (landmarks.new_empty(landmarks.shape), landmarks.new_empty(batch, heads, m),
             q.new_empty(batch, heads, q.shape[2] + k.shape[2], dtype=torch.int32))
 
 

@@ -127,7 +127,7 @@ def gather_packed_landmarks(q, k, cu_seqlens_q, cu_seqlens_k, indices) -> torch.
     from_k = k[k_rows] if k.shape[0] else k.new_zeros(*idx.shape, *k.shape[1:])
     from_k = from_k.repeat_interleave(group, dim=2) if group > 1 else from_k
     rows = torch.where(is_query, q[q_rows], from_k) if q.shape[0] else from_k
-    return rows.masked_fill(~has_keys, 0.0).transpose(1, 2).reshape(indices.shape[0], heads, idx.shape[1], -1)
+    return rows.masked_fill(~has_keys, 0.0).transpose(1, 2).contiguous()
 
 
 def tile_table(cu_seqlens: torch.Tensor, total: int, tile: int):
@@ -210,13 +210,16 @@ def query_apply(q, landmarks, landmark_values, cu_seqlens_q, scale: float) -> to
     return out
 
 
-def skyformer_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, indices, ridge, inverse, ns_iters, scale) -> torch.Tensor:
-    """backend="torch": landmarks -> Gram -> key summary -> solve -> query apply, the dense tiled stages."""
+def skyformer_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, indices, ridge, inverse, ns_iters, scale,
+                    landmark_refine: int = 0) -> torch.Tensor:
+    """backend="torch": landmarks (-> Lloyd steps) -> Gram -> key summary -> solve -> query apply, the dense
+    tiled stages."""
     from . import solve
     from .torch_backend import _LandmarkGram
 
     cdtype = _checks.compute_dtype(q.dtype)
     landmarks = gather_packed_landmarks(q, k, cu_seqlens_q, cu_seqlens_k, indices).to(cdtype)
+    landmarks = refine_packed_landmarks(q, k, landmarks, cu_seqlens_q, cu_seqlens_k, landmark_refine)
     gram = _LandmarkGram.apply(landmarks, scale)
     summary = key_summary(k, v, landmarks, cu_seqlens_k, scale)
     values = solve.landmark_solve(gram, summary, ridge, inverse, ns_iters)
@@ -295,3 +298,110 @@ def kernelized_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale) -> torch.Te
         outputs.append(_packed(reference.kernelized_attention(_dense(q[q0:q1]), _dense(k[k0:k1]),
                                                               _dense(v[k0:k1]), scale=scale)))
     return torch.cat(outputs) if outputs else q.new_zeros(0, q.shape[1], v.shape[-1])
+
+
+# ---- landmark refinement on packed rows ----------------------------------------------------------------------
+
+def _sequence_of_rows(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
+@torch.library.custom_op("skyformer_ext::lloyd_step_packed", mutates_args=())
+def _lloyd_step_packed_op(q: torch.Tensor, k: torch.Tensor, landmarks: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Lloyd step per sequence (reference.refine_landmarks' rule; a sequence without keys keeps its zero
+    landmarks): (new landmarks (S, H, m, p), counts (S, H, m), assignment (H, total_q + total_k) int32, -1
+    for rows that take no part). torch_backend.assign_and_add on the tiles of the tile table, each with its
+    sequence's landmarks, then the per-tile sums added per sequence."""
+    from .torch_backend import assign_and_add, landmark_half_norms, moved_landmarks
+
+    num_seqs, heads, m, dim = landmarks.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    device, cdtype = q.device, landmarks.dtype
+    half_norm = landmark_half_norms(landmarks)
+    sums = torch.zeros(num_seqs, heads, m + 1, dim, dtype=cdtype, device=device)
+    counts = torch.zeros(num_seqs, heads, m + 1, dtype=cdtype, device=device)
+    assignment = torch.full((heads, q.shape[0] + k.shape[0]), -1, dtype=torch.int32, device=device)
+    has_keys = cu_seqlens_k[1:] > cu_seqlens_k[:-1]
+    for rows_of, cu, offset, width in ((q, cu_seqlens_q, 0, heads), (k, cu_seqlens_k, q.shape[0], kv_heads)):
+        if rows_of.shape[0] == 0:
+            continue
+        rows, seq, valid = tile_table(cu, rows_of.shape[0], TILE_ROWS)
+        valid = valid & has_keys[seq][:, None]
+        for c0, c1 in _chunks(rows.shape[0], TILE_ROWS * heads * (dim + m)):
+            tiles, tile_seq, keep = rows[c0:c1], seq[c0:c1], valid[c0:c1]
+            chunk = tiles.shape[0]
+            x = _tiles(rows_of, tiles).to(cdtype).reshape(chunk * kv_heads, width // kv_heads, TILE_ROWS, dim)
+            tile_sums = torch.zeros(chunk * kv_heads, group, m + 1, dim, dtype=cdtype, device=device)
+            tile_counts = torch.zeros(chunk * kv_heads, group, m + 1, dtype=cdtype, device=device)
+            nearest = assign_and_add(x, keep.repeat_interleave(kv_heads, 0)[:, None], landmarks[tile_seq].reshape(
+                chunk * kv_heads, group, m, dim), half_norm[tile_seq].reshape(chunk * kv_heads, group, 1, m),
+                tile_sums, tile_counts)
+            sums.index_add_(0, tile_seq, tile_sums.reshape(chunk, heads, m + 1, dim))
+            counts.index_add_(0, tile_seq, tile_counts.reshape(chunk, heads, m + 1))
+            nearest = nearest.reshape(chunk, heads, TILE_ROWS).transpose(0, 1)[:, keep]
+            assignment[:, offset + tiles[keep]] = nearest.masked_fill(nearest == m, -1).int()
+    new, counts = moved_landmarks(sums, counts, landmarks)
+    return new, counts, assignment
+
+
+@_lloyd_step_packed_op.register_fake
+def _(q, k, landmarks, cu_seqlens_q, cu_seqlens_k):
+    return (landmarks.new_empty(landmarks.shape), landmarks.new_empty(landmarks.shape[:3]),
+            q.new_empty(landmarks.shape[1], q.shape[0] + k.shape[0], dtype=torch.int32))
+
+
+@torch.library.custom_op("skyformer_ext::lloyd_step_packed_backward", mutates_args=())
+def _lloyd_step_packed_backward_op(grad_new: torch.Tensor, counts: torch.Tensor, assignment: torch.Tensor,
+                                   q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                   cu_seqlens_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, d seeds): each row gets dL_j / count_j of its sequence's landmark j (a gather, O(rows x p));
+    landmarks that got no row pass dL_j on to their previous position."""
+    num_seqs, heads, m, dim = grad_new.shape
+    kv_heads = k.shape[1]
+    empty = counts[..., None] == 0
+    share = torch.where(empty, 0.0, grad_new / counts.clamp_min(1)[..., None]).reshape(-1, dim)
+
+    def gathered(cu, total, offset):  # (total, heads, p)
+        seq = _sequence_of_rows(cu, total)
+        nearest = assignment[:, offset:offset + total].T.long()  # (total, heads)
+        slot = (seq[:, None] * heads + torch.arange(heads, device=q.device)) * m + nearest.clamp_min(0)
+        return share[slot].masked_fill((nearest < 0)[..., None], 0.0)
+
+    grad_q = gathered(cu_seqlens_q, q.shape[0], 0)
+    grad_k = gathered(cu_seqlens_k, k.shape[0], q.shape[0]).reshape(k.shape[0], kv_heads, heads // kv_heads,
+                                                                    dim).sum(2)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), torch.where(empty, grad_new, 0.0)
+
+
+@_lloyd_step_packed_backward_op.register_fake
+def _(grad_new, counts, assignment, q, k, cu_seqlens_q, cu_seqlens_k):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad_new)
+
+
+def _lloyd_packed_setup(ctx, inputs, output):
+    q, k, _, cu_seqlens_q, cu_seqlens_k = inputs
+    _, counts, assignment = output
+    ctx.save_for_backward(counts, assignment, q, k, cu_seqlens_q, cu_seqlens_k)
+    ctx.mark_non_differentiable(counts, assignment)
+
+
+def _lloyd_packed_backward(ctx, grad_new, *_unused_grads):
+    from ._amp import without_autocast
+    from ._autograd import first_order_only
+
+    with torch.no_grad(), without_autocast(grad_new.device):
+        grads = _lloyd_step_packed_backward_op(grad_new, *ctx.saved_tensors)
+    return *first_order_only("torch", grads, (grad_new, *ctx.saved_tensors)), None, None
+
+
+_lloyd_step_packed_op.register_autograd(_lloyd_packed_backward, setup_context=_lloyd_packed_setup)
+
+
+def refine_packed_landmarks(q, k, landmarks, cu_seqlens_q, cu_seqlens_k, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        landmarks = _lloyd_step_packed_op(q, k, landmarks, cu_seqlens_q, cu_seqlens_k)[0]
+    return landmarks
