@@ -171,43 +171,91 @@ def _tiles(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x[rows].transpose(1, 2)
 
 
-def _scatter_rows(out: torch.Tensor, tiles: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """out (total, heads, d) with the valid slots of tiles (tiles, heads, tile, d) written at their rows."""
-    return out.index_put((rows[valid],), tiles.transpose(1, 2)[valid])
+class Operand:
+    """How a chunk of a packed stage reads one operand: ``rows`` (tiles, tile) packed rows of a (total, heads, d)
+    tensor (``valid`` marks the slots that hold a row), or ``seq`` (tiles,) the sequence whose (heads, m, d)
+    block of a per-sequence tensor each tile uses."""
+
+    def __init__(self, rows=None, valid=None, seq=None):
+        self.rows, self.valid, self.seq = rows, valid, seq
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.seq is not None:
+            return t[self.seq]
+        return _tiles(t, self.rows).masked_fill(~self.valid[:, None, :, None], 0.0)
+
+    def add_into(self, buffer: torch.Tensor, part: torch.Tensor) -> None:
+        """buffer += the chunk's ``part`` at the rows (or sequences) it came from (index_add_: in order on the
+        CPU)."""
+        if self.seq is not None:
+            buffer.index_add_(0, self.seq, part.to(buffer.dtype))
+        else:
+            buffer.index_add_(0, self.rows[self.valid], part.transpose(1, 2)[self.valid].to(buffer.dtype))
+
+
+class _ChunkedStage(torch.autograd.Function):
+    """out[at out_of(c)] += kappa(X_c, Y_c) V_c over chunks c of tiles (the dense tiled op per chunk), with
+    X_c, Y_c, V_c gathered by Operands. The backward recomputes each chunk and adds its gradients into one
+    buffer per input: autograd through the gathers would allocate an input-sized gradient per chunk."""
+
+    @staticmethod
+    def forward(ctx, x, y, v, chunks, scale, out_shape, out_dtype):
+        from .torch_backend import gaussian_attention
+
+        cdtype = _checks.compute_dtype(x.dtype)
+        out = torch.zeros(out_shape, dtype=cdtype, device=x.device)
+        for xs, ys, vs, mask, outs in chunks:
+            outs.add_into(out, gaussian_attention(xs.gather(x), ys.gather(y), vs.gather(v), mask, scale,
+                                                  out_dtype=cdtype))
+        ctx.save_for_backward(x, y, v)
+        ctx.chunks, ctx.scale = chunks, scale
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from ._autograd import first_order_only
+        from .torch_backend import gaussian_attention
+
+        x, y, v = ctx.saved_tensors
+        cdtype = _checks.compute_dtype(x.dtype)
+        grads = [torch.zeros(t.shape, dtype=cdtype, device=t.device) for t in (x, y, v)]
+        for xs, ys, vs, mask, outs in ctx.chunks:
+            with torch.enable_grad():
+                parts = [spec.gather(t).detach().requires_grad_() for spec, t in ((xs, x), (ys, y), (vs, v))]
+                chunk_out = gaussian_attention(*parts, mask, ctx.scale, out_dtype=cdtype)
+                chunk_grads = torch.autograd.grad(chunk_out, parts, outs.gather(grad_out).to(cdtype))
+            for spec, buffer, grad in zip((xs, ys, vs), grads, chunk_grads):
+                spec.add_into(buffer, grad)
+        grads = tuple(g.to(t.dtype) for g, t in zip(grads, (x, y, v)))
+        return *first_order_only("torch", grads, (grad_out, x, y, v)), None, None, None, None
 
 
 def key_summary(k, v, landmarks, cu_seqlens_k, scale: float) -> torch.Tensor:
     """Z_s = kappa(K_s, L_s)^T V_s per sequence, (num_seqs, heads, m, p_v) in the landmarks' dtype: the dense
-    key summary on each key tile against its sequence's landmarks, added per sequence (index_add_: in tile
-    order on the CPU)."""
-    from .torch_backend import gaussian_attention
-
+    key summary on each key tile against its sequence's landmarks, added per sequence."""
     num_seqs, heads, m, _ = landmarks.shape
-    summary = landmarks.new_zeros(num_seqs, heads, m, v.shape[-1])
     if k.shape[0] == 0:
-        return summary
+        return landmarks.new_zeros(num_seqs, heads, m, v.shape[-1])
     rows, seq, valid = tile_table(cu_seqlens_k, k.shape[0], TILE_ROWS)
+    chunks = []
     for c0, c1 in _chunks(rows.shape[0], TILE_ROWS * k.shape[1] * (k.shape[2] + v.shape[2])):
-        part = gaussian_attention(landmarks[seq[c0:c1]], _tiles(k, rows[c0:c1]), _tiles(v, rows[c0:c1]),
-                                  valid[c0:c1], scale, out_dtype=landmarks.dtype)
-        summary = summary.index_add(0, seq[c0:c1], part)
-    return summary
+        keys = Operand(rows=rows[c0:c1], valid=valid[c0:c1])
+        chunks.append((Operand(seq=seq[c0:c1]), keys, keys, valid[c0:c1], Operand(seq=seq[c0:c1])))
+    return _ChunkedStage.apply(landmarks, k, v, chunks, scale, (num_seqs, heads, m, v.shape[-1]), landmarks.dtype)
 
 
 def query_apply(q, landmarks, landmark_values, cu_seqlens_q, scale: float) -> torch.Tensor:
     """O = kappa(Q_s, L_s) Y_s per sequence, (total_q, heads, p_v) in q's dtype: the dense query apply on each
     query tile with its sequence's landmarks and values."""
-    from .torch_backend import gaussian_attention
-
-    out = q.new_zeros(q.shape[0], q.shape[1], landmark_values.shape[-1])
+    out_shape = (q.shape[0], q.shape[1], landmark_values.shape[-1])
     if q.shape[0] == 0:
-        return out
+        return q.new_zeros(out_shape)
     rows, seq, valid = tile_table(cu_seqlens_q, q.shape[0], TILE_ROWS)
+    chunks = []
     for c0, c1 in _chunks(rows.shape[0], TILE_ROWS * q.shape[1] * (q.shape[2] + landmark_values.shape[-1])):
-        part = gaussian_attention(_tiles(q, rows[c0:c1]), landmarks[seq[c0:c1]], landmark_values[seq[c0:c1]], None,
-                                  scale, out_dtype=q.dtype)
-        out = _scatter_rows(out, part, rows[c0:c1], valid[c0:c1])
-    return out
+        queries, sequences = Operand(rows=rows[c0:c1], valid=valid[c0:c1]), Operand(seq=seq[c0:c1])
+        chunks.append((queries, sequences, sequences, None, queries))
+    return _ChunkedStage.apply(q, landmarks, landmark_values.to(landmarks.dtype), chunks, scale, out_shape, q.dtype)
 
 
 def skyformer_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, indices, ridge, inverse, ns_iters, scale,
@@ -228,13 +276,11 @@ def skyformer_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, indices, ridge, inverse
 
 def kernelized_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float) -> torch.Tensor:
     """backend="torch" exact kernelized attention: every (query tile, key tile) pair of a sequence through the
-    dense tiled op, partial outputs added per query tile. The pair list is built from the sequence lengths
+    dense tiled op, partial outputs added per query row. The pair list is built from the sequence lengths
     on the host (a read-back of cu_seqlens; free on the CPU)."""
-    from .torch_backend import gaussian_attention
-
-    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    out_shape = (q.shape[0], q.shape[1], v.shape[-1])
     if q.shape[0] == 0 or k.shape[0] == 0:
-        return out
+        return q.new_zeros(out_shape)
     q_rows, q_seq, q_valid = tile_table(cu_seqlens_q, q.shape[0], TILE_ROWS)
     k_rows, k_seq, k_valid = tile_table(cu_seqlens_k, k.shape[0], TILE_ROWS)
     used_q = q_valid.any(1).tolist()
@@ -244,16 +290,14 @@ def kernelized_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float) -> torch
             k_tiles_of.setdefault(s, []).append(tile)
     pairs = [(qt, kt) for qt, s in enumerate(q_seq.tolist()) if used_q[qt] for kt in k_tiles_of.get(s, [])]
     if not pairs:
-        return out
+        return q.new_zeros(out_shape) + 0 * (q.sum() + k.sum() + v.sum())
     pair_q, pair_k = (torch.tensor(col, device=q.device) for col in zip(*pairs))
-    cdtype = _checks.compute_dtype(q.dtype)
-    tiles_out = torch.zeros(q_rows.shape[0], q.shape[1], TILE_ROWS, v.shape[-1], dtype=cdtype, device=q.device)
+    chunks = []
     for c0, c1 in _chunks(len(pairs), TILE_ROWS * q.shape[1] * (2 * q.shape[2] + v.shape[2])):
         qt, kt = pair_q[c0:c1], pair_k[c0:c1]
-        part = gaussian_attention(_tiles(q, q_rows[qt]), _tiles(k, k_rows[kt]), _tiles(v, k_rows[kt]), k_valid[kt],
-                                  scale, out_dtype=cdtype)
-        tiles_out = tiles_out.index_add(0, qt, part)
-    return _scatter_rows(out, tiles_out.to(q.dtype), q_rows, q_valid)
+        queries, keys = Operand(rows=q_rows[qt], valid=q_valid[qt]), Operand(rows=k_rows[kt], valid=k_valid[kt])
+        chunks.append((queries, keys, keys, k_valid[kt], queries))
+    return _ChunkedStage.apply(q, k, v, chunks, scale, out_shape, q.dtype)
 
 
 # ---- the reference: a loop of dense reference calls ----------------------------------------------------------
