@@ -101,15 +101,16 @@ def test_large_gradient_is_scaled_into_half_range_and_zero_gradient_gives_factor
 
 
 def test_strided_inputs():
-    """Landmarks and partials as non-contiguous views: the kernels take any strides."""
+    """Landmarks and partials as non-contiguous views: the kernels take any strides. One iteration: strides
+    only meet the loads and stores around it (the iterates live in the kernels' own workspace)."""
     landmarks, partials, grad_partials = _problem(2, 2, 17, 32, 24, 2, torch.float32)
     landmarks_t = landmarks.transpose(1, 2).contiguous().transpose(1, 2)  # head stride < row stride
     partials_t = partials.transpose(-1, -2).contiguous().transpose(-1, -2)  # column-major matrices
-    values, summary = landmark_solve.solve_forward(landmarks_t, partials_t, 0.2, 0.1, 4, torch.float32)
+    values, summary = landmark_solve.solve_forward(landmarks_t, partials_t, 0.2, 0.1, 1, torch.float32)
     grad_scaled, factor, grad_landmarks = landmark_solve.solve_backward(
         grad_partials.transpose(-1, -2).contiguous().transpose(-1, -2), landmarks_t, summary.transpose(-1, -2)
-        .contiguous().transpose(-1, -2), 0.2, 0.1, 4, torch.float32)
-    truth_values, truth_grad_summary, truth_grad_landmarks = _truth(landmarks, partials, grad_partials, 0.2, 0.1, 4)
+        .contiguous().transpose(-1, -2), 0.2, 0.1, 1, torch.float32)
+    truth_values, truth_grad_summary, truth_grad_landmarks = _truth(landmarks, partials, grad_partials, 0.2, 0.1, 1)
     _assert_close(values, truth_values, "Y")
     _assert_close(grad_scaled.double() * factor.double()[..., None, None], truth_grad_summary, "dZ")
     _assert_close(grad_landmarks, truth_grad_landmarks, "dL")
