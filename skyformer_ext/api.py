@@ -167,6 +167,12 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 # ---- packed variable-length sequences ----------------------------------------------------------------------
 
+def _packed_zeros(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The (total_q, heads, p_v) zeros of a pack without queries, keys or heads, connected to q, k, v so that
+    backward gives them zero gradients (as _empty_result does for dense calls)."""
+    return q.new_zeros(*q.shape[:2], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum()).to(q.dtype)
+
+
 def _packed_backend(backend: str) -> str:
     """Packed calls run on "torch" (the default for "auto", CPU and CUDA) or "reference"; the fused Triton
     kernels do not take the packed layout yet."""
@@ -216,6 +222,8 @@ def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         varlen.check_packed_landmark_indices(landmark_indices, lengths_q, lengths_k, q.device)
     backend = _packed_backend(backend)
     q, k, v = autocast_inputs(q, k, v)
+    if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:  # no query, no key at all, or no head: zeros
+        return _packed_zeros(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     if landmark_indices is None:
         draws = (landmark_draws(lengths_q.shape[0], num_landmarks, generator, q.device) if landmarks == "random"
@@ -242,6 +250,8 @@ def kernelized_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     _checks.check_bool("deterministic", deterministic)
     backend = _packed_backend(backend)
     q, k, v = autocast_inputs(q, k, v)
+    if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:
+        return _packed_zeros(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     with without_autocast(q.device):
         if backend == "reference":

@@ -31,8 +31,10 @@ def check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape (total_tokens, heads, head_dim) (packed varlen layout), got "
                              f"shape {tuple(t.shape)}")
-    # The per-tensor dtype, device, head and head-dim rules are the dense ones.
-    _checks.check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    # The per-tensor dtype, device, head and head-dim rules are the dense ones; a pack may hold no key at all
+    # (every sequence keyless: zeros), which the dense rule refuses, so it sees one stand-in row then.
+    k_probe, v_probe = ((t if k.shape[0] else t.new_zeros(1, *t.shape[1:])) for t in (k, v))
+    _checks.check_qkv(q.transpose(0, 1)[None], k_probe.transpose(0, 1)[None], v_probe.transpose(0, 1)[None])
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")

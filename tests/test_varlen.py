@@ -246,3 +246,47 @@ def test_module_packed_cross_attention_and_refusals():
         module(x, cu_seqlens=cu_q, max_seqlen=4, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_seqlen"):
         module(x, cu_seqlens=cu_q)
+
+
+# ---- fuzzed: any pack of sequences equals the loop of dense reference calls ---------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from test_fuzz import fuzz_settings  # noqa: E402  (the suite's profiles: derandomized in CI)
+
+
+@st.composite
+def packs(draw):
+    num_seqs = draw(st.integers(1, 5))
+    lengths = [(draw(st.integers(0, 30)), draw(st.integers(0, 30))) for _ in range(num_seqs)]
+    kv_heads = draw(st.integers(1, 2))
+    heads = kv_heads * draw(st.integers(1, 2))
+    p, p_v = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    dtype = draw(st.sampled_from((torch.float64, torch.float32)))
+    q, k, v, cu_q, cu_k, max_q, max_k, _ = _packed(dtype, lengths, heads, kv_heads, p, p_v,
+                                                   seed=draw(st.integers(0, 2**31)))
+    m = draw(st.integers(2, 40))
+    options = dict(num_landmarks=m, landmarks=draw(st.sampled_from(("random", "strided"))),
+                   landmark_refine=draw(st.integers(0, 2)), inverse=draw(st.sampled_from(("newton_schulz",
+                                                                                          "cholesky"))),
+                   ridge=draw(st.floats(0.05, 1.0)), ns_iters=draw(st.integers(1, 6)))
+    return q, k, v, cu_q, cu_k, max_q, max_k, options, draw(st.integers(0, 2**31))
+
+
+@fuzz_settings(ci_examples=40)
+@given(packs())
+def test_fuzzed_packs_match_the_reference(pack):
+    q, k, v, cu_q, cu_k, max_q, max_k, options, seed = pack
+    lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+    draws = torch.rand(len(lengths_q), options["num_landmarks"], generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+    indices = varlen.sample_packed_landmarks(lengths_q, lengths_k, options.pop("num_landmarks"),
+                                             options.pop("landmarks"), draws)
+    truth = _grads(_packed_call("skyformer", "reference", cu_q, cu_k, max_q, max_k, indices, **options),
+                   *(x.double() for x in (q, k, v)))
+    got = _grads(_packed_call("skyformer", "torch", cu_q, cu_k, max_q, max_k, indices, **options), q, k, v)
+    tolerance = 1e-9 if q.dtype == torch.float64 else 1e-4
+    for name, a, t in zip(("out", "dq", "dk", "dv"), got, truth):
+        assert a.dtype == q.dtype, name
+        magnitude = t.abs().max().item() if t.numel() else 0.0
+        assert max_error(a, t) <= tolerance * max(1.0, magnitude), name
