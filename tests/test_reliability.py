@@ -193,10 +193,10 @@ def test_custom_ops_apply_the_autocast_policy_when_called_directly(autocast_dtyp
     q, k, v = _inputs(torch.float32, 9, 9)
     with torch.autocast("cpu", dtype=autocast_dtype):
         exact = torch.ops.skyformer_ext.kernelized_attention(q, k, v, None, 0.25, True)
-        out, landmarks, _, summary, _ = torch.ops.skyformer_ext.skyformer_attention(
-            q, k, v, None, None, None, 4, 0.25, 0.1, "newton_schulz", 6, True)
+        out, landmarks, _, summary, _, _, counts = torch.ops.skyformer_ext.skyformer_attention(
+            q, k, v, None, None, None, 4, 0.25, 0.1, "newton_schulz", 6, True, 1)  # one refinement step
     assert exact.dtype == out.dtype == landmarks.dtype == autocast_dtype
-    assert summary.dtype == torch.float32
+    assert summary.dtype == counts.dtype == torch.float32
     assert torch.equal(exact, torch.ops.skyformer_ext.kernelized_attention(
         *(x.to(autocast_dtype) for x in (q, k, v)), None, 0.25, True))
 
