@@ -244,6 +244,7 @@ class Config:
     inverse: str = "newton_schulz"
     deterministic: bool = True
     landmark_refine: int = 0  # Lloyd steps on the landmarks (issue 18)
+    ns_iters: int = 6  # inside the one solve kernel: no effect on the counts, only on interpreter time
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -266,7 +267,8 @@ def skyformer_inputs(config: Config, device: torch.device, seed: int = 0) -> dic
         mask[:, config.n_k - config.n_k // 8:] = False
         mask = mask.to(device)
     kwargs = dict(num_landmarks=config.m, attn_mask=mask, inverse=config.inverse, backend=config.backend,
-                  deterministic=config.deterministic, landmark_refine=config.landmark_refine)
+                  deterministic=config.deterministic, landmark_refine=config.landmark_refine,
+                  ns_iters=config.ns_iters)
     if config.landmarks == "given":
         from skyformer_ext import sample_landmarks
         kwargs["landmark_indices"] = sample_landmarks(config.batch, config.n_q, config.n_k, config.m,
