@@ -60,6 +60,7 @@ from skyformer_ext import kernelized_attention, skyformer_attention
 
 from .approx import relative_spectral_errors, structured_inputs
 from .progress import progress
+from .throughput import cpu_model
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 CACHE_DIR = RESULTS_ROOT / "_scratch"
@@ -490,7 +491,7 @@ def main(argv=None) -> int:
     meta = {"command": command, "started_utc": started.isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "load_average_before": None if load_before is None else [round(x, 2) for x in load_before],
             "load_average_after": None if load_before is None else [round(x, 2) for x in os.getloadavg()],
             "settings": config, "inputs": facts,
@@ -515,16 +516,6 @@ def main(argv=None) -> int:
     print(table)
     print(f"wrote {out}/landmarks.json, .csv, .md" + ("" if args.no_plots else ", .png") + f" in {meta['wall_s']} s")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

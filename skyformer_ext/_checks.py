@@ -93,6 +93,11 @@ def check_ridge(ridge) -> None:
         raise ValueError(f"ridge must be >= 0 and finite, got {ridge}")
 
 
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether argument checks may read tensor values (not while compiling or capturing a CUDA graph)."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_landmark_indices(idx, batch: int, n_total: int, device) -> None:
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"landmark_indices must be an integer torch.Tensor, got {type(idx).__name__}")
@@ -107,8 +112,7 @@ def check_landmark_indices(idx, batch: int, n_total: int, device) -> None:
         raise ValueError(f"landmark_indices is on {idx.device} but q is on {device}")
     # The range check reads index values (two host syncs), which neither torch.compile nor a CUDA-graph
     # capture allows; both skip it.
-    reads_values = not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing())
-    if idx.numel() and reads_values and (int(idx.min()) < 0 or int(idx.max()) >= n_total):
+    if idx.numel() and reads_values(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n_total):
         raise ValueError(f"landmark_indices must lie in [0, n_q + n_k) = [0, {n_total}), "
                          f"got range [{int(idx.min())}, {int(idx.max())}]")
 

@@ -16,9 +16,10 @@ _many_landmarks_warned = False
 
 
 def _empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The (batch, heads, n_q, p_v) output of a call with batch 0 or no heads (as SDPA returns): empty, and
-    connected to q, k, v so that backward gives them zero gradients."""
-    empty = q.new_zeros(*q.shape[:3], v.shape[3])
+    """Zeros shaped like the output (q's shape with v's last dim: dense or packed), connected to q, k, v so that
+    backward gives them zero gradients: the result of a call with batch 0 or no heads (as SDPA returns), or of
+    a pack without queries or keys."""
+    empty = q.new_zeros(*q.shape[:-1], v.shape[-1])
     return empty + 0 * (q.sum() + k.sum() + v.sum()).to(q.dtype)
 
 
@@ -167,12 +168,6 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 # ---- packed variable-length sequences ----------------------------------------------------------------------
 
-def _packed_zeros(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The (total_q, heads, p_v) zeros of a pack without queries, keys or heads, connected to q, k, v so that
-    backward gives them zero gradients (as _empty_result does for dense calls)."""
-    return q.new_zeros(*q.shape[:2], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum()).to(q.dtype)
-
-
 def _packed_backend(backend: str) -> str:
     """Packed calls run on "torch" (the default for "auto", CPU and CUDA) or "reference"; the fused Triton
     kernels do not take the packed layout yet."""
@@ -223,7 +218,7 @@ def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     backend = _packed_backend(backend)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:  # no query, no key at all, or no head: zeros
-        return _packed_zeros(q, k, v)
+        return _empty_result(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     if landmark_indices is None:
         draws = (landmark_draws(lengths_q.shape[0], num_landmarks, generator, q.device) if landmarks == "random"
@@ -251,7 +246,7 @@ def kernelized_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     backend = _packed_backend(backend)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:
-        return _packed_zeros(q, k, v)
+        return _empty_result(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     with without_autocast(q.device):
         if backend == "reference":

@@ -323,6 +323,13 @@ def _(q, k, landmarks, key_mask):
             q.new_empty(batch, heads, q.shape[2] + k.shape[2], dtype=torch.int32))
 
 
+def cluster_shares(grad_new: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward of a Lloyd step per landmark: (dL_j / count_j, what each row of its cluster receives; dL_j
+    where the landmark got no row, passed on to its previous position), both (..., m, p)."""
+    empty = counts[..., None] == 0
+    return torch.where(empty, 0.0, grad_new / counts.clamp_min(1)[..., None]), torch.where(empty, grad_new, 0.0)
+
+
 @torch.library.custom_op("skyformer_ext::lloyd_step_tiled_backward", mutates_args=())
 def _lloyd_step_backward_op(grad_new: Tensor, counts: Tensor, assignment: Tensor, q: Tensor, k: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,8 +337,7 @@ def _lloyd_step_backward_op(grad_new: Tensor, counts: Tensor, assignment: Tensor
     to their previous position. Gathers of (rows x p): no (rows x m) buffer."""
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    empty = counts[..., None] == 0
-    share = torch.where(empty, 0.0, grad_new / counts.clamp_min(1)[..., None])
+    share, passed_on = cluster_shares(grad_new, counts)
 
     def gathered(rows: Tensor) -> Tensor:  # (b, H, r) landmark ids, -1 = none -> (b, H, r, p)
         picked = share.gather(2, rows.clamp_min(0).long()[..., None].expand(-1, -1, -1, dim))
@@ -339,7 +345,7 @@ def _lloyd_step_backward_op(grad_new: Tensor, counts: Tensor, assignment: Tensor
 
     grad_q = gathered(assignment[:, :, :n_q])
     grad_k = gathered(assignment[:, :, n_q:]).reshape(batch, kv_heads, heads // kv_heads, n_k, dim).sum(2)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), torch.where(empty, grad_new, 0.0)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), passed_on
 
 
 @_lloyd_step_backward_op.register_fake

@@ -49,7 +49,7 @@ def check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         _checks.check_positive_int(name, value, 0)
-    if not reads_values(cu_seqlens_q):
+    if not _checks.reads_values(cu_seqlens_q):
         return
     for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
@@ -67,11 +67,6 @@ def check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             raise ValueError(f"{max_name} ({longest}) is smaller than the longest sequence ({most})")
 
 
-def reads_values(t: torch.Tensor) -> bool:
-    """Whether argument checks may read tensor values (not while compiling or capturing a CUDA graph)."""
-    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def check_packed_landmark_indices(idx, lengths_q, lengths_k, device) -> None:
     """(num_seqs, m) rows of each sequence's own [q_s; k_s]: 0..len_q - 1 queries, then its keys."""
     num_seqs = lengths_q.shape[0]
@@ -84,7 +79,7 @@ def check_packed_landmark_indices(idx, lengths_q, lengths_k, device) -> None:
                          f"num_landmarks >= 2, got {tuple(idx.shape)}")
     if idx.device != torch.device(device):
         raise ValueError(f"landmark_indices is on {idx.device} but q is on {device}")
-    if idx.numel() and reads_values(idx):
+    if idx.numel() and _checks.reads_values(idx):
         rows = (lengths_q + lengths_k)[:, None]
         outside = (idx < 0) | ((idx >= rows) & (rows > 0))
         if bool(outside.any()):
@@ -317,33 +312,33 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x[0].transpose(0, 1)
 
 
-def skyformer_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, indices, ridge, inverse, ns_iters, scale,
-                        landmark_refine=0) -> torch.Tensor:
-    """One dense reference call per sequence (zeros for a sequence without keys)."""
-    from . import reference
-
+def _per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, attend) -> torch.Tensor:
+    """attend(s, q_s, k_s, v_s) in the dense layout for every sequence with queries and keys, packed back;
+    zeros (connected to q, k, v) for a sequence without keys."""
     outputs = []
     for s, (q0, q1, k0, k1) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         if k1 == k0 or q1 == q0:
             outputs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum()))
             continue
-        outputs.append(_packed(reference.skyformer_attention(
-            _dense(q[q0:q1]), _dense(k[k0:k1]), _dense(v[k0:k1]), indices[s:s + 1], ridge=ridge, inverse=inverse,
-            ns_iters=ns_iters, scale=scale, landmark_refine=landmark_refine)))
+        outputs.append(_packed(attend(s, _dense(q[q0:q1]), _dense(k[k0:k1]), _dense(v[k0:k1]))))
     return torch.cat(outputs) if outputs else q.new_zeros(0, q.shape[1], v.shape[-1])
+
+
+def skyformer_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, indices, ridge, inverse, ns_iters, scale,
+                        landmark_refine=0) -> torch.Tensor:
+    """One dense reference call per sequence (zeros for a sequence without keys)."""
+    from . import reference
+
+    return _per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, lambda s, q, k, v: reference.skyformer_attention(
+        q, k, v, indices[s:s + 1], ridge=ridge, inverse=inverse, ns_iters=ns_iters, scale=scale,
+        landmark_refine=landmark_refine))
 
 
 def kernelized_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale) -> torch.Tensor:
     from . import reference
 
-    outputs = []
-    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
-        if k1 == k0 or q1 == q0:
-            outputs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum()))
-            continue
-        outputs.append(_packed(reference.kernelized_attention(_dense(q[q0:q1]), _dense(k[k0:k1]),
-                                                              _dense(v[k0:k1]), scale=scale)))
-    return torch.cat(outputs) if outputs else q.new_zeros(0, q.shape[1], v.shape[-1])
+    return _per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                         lambda s, q, k, v: reference.kernelized_attention(q, k, v, scale=scale))
 
 
 # ---- landmark refinement on packed rows ----------------------------------------------------------------------
@@ -406,10 +401,12 @@ def _lloyd_step_packed_backward_op(grad_new: torch.Tensor, counts: torch.Tensor,
                                    cu_seqlens_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, d seeds): each row gets dL_j / count_j of its sequence's landmark j (a gather, O(rows x p));
     landmarks that got no row pass dL_j on to their previous position."""
+    from .torch_backend import cluster_shares
+
     num_seqs, heads, m, dim = grad_new.shape
     kv_heads = k.shape[1]
-    empty = counts[..., None] == 0
-    share = torch.where(empty, 0.0, grad_new / counts.clamp_min(1)[..., None]).reshape(-1, dim)
+    share, passed_on = cluster_shares(grad_new, counts)
+    share = share.reshape(-1, dim)
 
     def gathered(cu, total, offset):  # (total, heads, p)
         seq = _sequence_of_rows(cu, total)
@@ -420,7 +417,7 @@ def _lloyd_step_packed_backward_op(grad_new: torch.Tensor, counts: torch.Tensor,
     grad_q = gathered(cu_seqlens_q, q.shape[0], 0)
     grad_k = gathered(cu_seqlens_k, k.shape[0], q.shape[0]).reshape(k.shape[0], kv_heads, heads // kv_heads,
                                                                     dim).sum(2)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), torch.where(empty, grad_new, 0.0)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), passed_on
 
 
 @_lloyd_step_packed_backward_op.register_fake

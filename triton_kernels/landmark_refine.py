@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .gaussian_tiles import (RUNTIME_INTS, TARGET_PROGRAMS, _batch_and_heads, _load_tile, _mask_args, _upcast,
                              kernel_with_runtime_ints)
-from .landmarks import _valid_key_count
+from .landmarks import _valid_key_count, passes_on
 
 MASK_BLOCK = 128
 # ptxas's own register target spilled the narrow-tile variants (head-dim bucket 16: 32 registers for the grad
@@ -206,16 +206,6 @@ def lloyd_update_kernel(L, SUMS, COUNTS, MASK, L_NEW, COUNTS_OUT,
              new.to(L_NEW.dtype.element_ty), mask=inside)
     if chunk == 0:
         tl.store(COUNTS_OUT + batch * so_b + head * so_h + slots, counts, mask=slots < m)
-
-
-@triton.jit
-def passes_on(count_base, sc_t, slot, first_step, steps):
-    """Whether the gradient of landmark ``slot`` (a scalar or a vector of slots) reaches back before step
-    first_step: it got no point in any step from first_step on. count_base: the head's counts of step 0."""
-    passes = slot >= 0  # all True, in slot's shape
-    for step in range(first_step, steps):
-        passes = passes & (tl.load(count_base + step * sc_t + slot) == 0.0)
-    return passes
 
 
 @triton.jit

@@ -126,11 +126,12 @@ def landmark_rows_kernel(Q, K, MASK, DRAWS, INDICES_IN, INDICES_OUT, L,
 
 
 @triton.jit
-def _seed_passes(count_base, sc_t, slot, steps):
-    """Whether a seed's gradient reaches its row: its landmark got no point in any refinement step (always, with
-    no step). landmark_refine.passes_on's rule from step 0."""
-    passes = slot >= 0
-    for step in range(0, steps):
+def passes_on(count_base, sc_t, slot, first_step, steps):
+    """Whether the gradient of landmark ``slot`` (a scalar or a vector of slots) reaches back before refinement
+    step first_step: it got no point in any step from first_step on (always, with no step). count_base: the
+    head's counts of step 0, steps apart by sc_t. From step 0 it says whether a seed gets its gradient."""
+    passes = slot >= 0  # all True, in slot's shape
+    for step in range(first_step, steps):
         passes = passes & (tl.load(count_base + step * sc_t + slot) == 0.0)
     return passes
 
@@ -165,7 +166,7 @@ def landmark_grad_scatter_kernel(INDICES, MASK, GRAD_QA, GRAD_KS, GRAD_SOLVE, GR
                 grad += tl.load(GRAD_KS + split * sks_s + offset + cols * sks_d, mask=inside, other=0.0)
             if refine_steps > 0:  # the refine backward hands the rest of dL to the rows of the clusters
                 tl.store(GRAD_TOTAL + batch * st_b + head * st_h + slot * st_r + cols, grad, mask=inside)
-                grad = tl.where(_seed_passes(COUNTS + batch * sc_b + head * sc_h, sc_t, slot, refine_steps), grad,
+                grad = tl.where(passes_on(COUNTS + batch * sc_b + head * sc_h, sc_t, slot, 0, refine_steps), grad,
                                 0.0)
             if has_keys & (row < n_q):
                 target = GRAD_Q + batch * sdq_b + head * sdq_h + row * sdq_r + cols * sdq_d
