@@ -245,6 +245,7 @@ class Config:
     deterministic: bool = True
     landmark_refine: int = 0  # Lloyd steps on the landmarks (issue 18)
     ns_iters: int = 6  # inside the one solve kernel: no effect on the counts, only on interpreter time
+    packed: bool = False  # skyformer_attention_varlen on `batch` packed sequences of different lengths (issue 14)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -258,6 +259,8 @@ def skyformer_inputs(config: Config, device: torch.device, seed: int = 0) -> dic
     def tensor(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
 
+    if config.packed:
+        return _packed_inputs(config, device, gen, tensor)
     q = tensor(config.batch, config.heads, config.n_q, config.p)
     k = tensor(config.batch, config.kv_heads, config.n_k, config.p)
     v = tensor(config.batch, config.kv_heads, config.n_k, config.p)
@@ -276,20 +279,48 @@ def skyformer_inputs(config: Config, device: torch.device, seed: int = 0) -> dic
     return {"q": q, "k": k, "v": v, "kwargs": kwargs}
 
 
+def packed_lengths(config: Config) -> tuple[list[int], list[int]]:
+    """Query and key lengths of the packed configuration's sequences: n_q and n_k shrinking by a ninth per
+    sequence (mixed lengths, none empty)."""
+    return ([max(1, config.n_q - s * config.n_q // 9) for s in range(config.batch)],
+            [max(1, config.n_k - s * config.n_k // 9) for s in range(config.batch)])
+
+
+def _packed_inputs(config: Config, device: torch.device, gen: torch.Generator, tensor) -> dict:
+    """A packed call's inputs (no key mask: packing drops the padding)."""
+    lengths_q, lengths_k = packed_lengths(config)
+    q = tensor(sum(lengths_q), config.heads, config.p)
+    k = tensor(sum(lengths_k), config.kv_heads, config.p)
+    v = tensor(sum(lengths_k), config.kv_heads, config.p)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+                  for lengths in (lengths_q, lengths_k))
+    kwargs = dict(num_landmarks=config.m, inverse=config.inverse, backend=config.backend,
+                  deterministic=config.deterministic, landmark_refine=config.landmark_refine,
+                  ns_iters=config.ns_iters)
+    if config.landmarks == "given":
+        from skyformer_ext import varlen
+        draws = torch.rand(config.batch, config.m, generator=gen, dtype=torch.float64).to(device)
+        kwargs["landmark_indices"] = varlen.sample_packed_landmarks(cu_q, cu_k, config.m, "random", draws)
+    return {"q": q, "k": k, "v": v, "kwargs": kwargs,
+            "packing": (cu_q, cu_k, max(lengths_q), max(lengths_k))}
+
+
 def count_skyformer(config: Config, device: str | torch.device = "cpu") -> tuple[LaunchCount, LaunchCount]:
     """(forward, backward) counts of one skyformer_attention call and torch.autograd.grad over q, k, v.
 
     One uncounted call first, so that one-time work (Triton compilation, lazy imports, warnings) is not
     counted.
     """
-    from skyformer_ext import skyformer_attention
+    from skyformer_ext import skyformer_attention, skyformer_attention_varlen
 
     device = torch.device(device)
     inputs = skyformer_inputs(config, device)
     q, k, v, kwargs = inputs["q"], inputs["k"], inputs["v"], inputs["kwargs"]
-    grad_out = torch.ones(config.batch, config.heads, config.n_q, config.p, dtype=q.dtype, device=device)
+    grad_out = torch.ones(q.shape, dtype=q.dtype, device=device)
 
     def forward():
+        if config.packed:
+            return skyformer_attention_varlen(q, k, v, *inputs["packing"], **kwargs)
         return skyformer_attention(q, k, v, **kwargs)
 
     torch.autograd.grad(forward(), (q, k, v), grad_out)  # warm-up
@@ -353,6 +384,8 @@ def parse_args(argv=None):
     parser.add_argument("--nondeterministic", action="store_true", help="deterministic=False (atomics)")
     parser.add_argument("--landmark-refine", type=int, default=defaults.landmark_refine,
                         help="Lloyd steps on the landmarks (landmark_refine)")
+    parser.add_argument("--packed", action="store_true", help="skyformer_attention_varlen on --batch packed "
+                        "sequences of mixed lengths (up to --n-q / --n-k; no key mask)")
     parser.add_argument("--by-kernel", action="store_true", help="also list every op / kernel")
     parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
     parser.add_argument("--label", default="", help="a note stored in the JSON (e.g. which code was counted)")
@@ -364,9 +397,10 @@ def main(argv=None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
     config = Config(backend=args.backend, n_q=args.n_q, n_k=args.n_k, batch=args.batch, heads=args.heads,
-                    kv_heads=args.kv_heads, p=args.p, m=args.m, dtype=args.dtype, mask=not args.no_mask,
+                    kv_heads=args.kv_heads, p=args.p, m=args.m, dtype=args.dtype,
+                    mask=not (args.no_mask or args.packed),
                     landmarks=args.landmarks, inverse=args.inverse, deterministic=not args.nondeterministic,
-                    landmark_refine=args.landmark_refine)
+                    landmark_refine=args.landmark_refine, packed=args.packed)
     fwd, bwd = count_skyformer(config, device)
     print("\n".join(report_lines(config, fwd, bwd, args.by_kernel)))
     before = RESULTS_DIR / "launches_before.json"

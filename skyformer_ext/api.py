@@ -168,16 +168,6 @@ def kernelized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 # ---- packed variable-length sequences ----------------------------------------------------------------------
 
-def _packed_backend(backend: str) -> str:
-    """Packed calls run on "torch" (the default for "auto", CPU and CUDA) or "reference"; the fused Triton
-    kernels do not take the packed layout yet."""
-    _checks.check_choice("backend", backend, BACKENDS)
-    if backend == "triton":
-        raise ValueError("backend='triton' does not take packed sequences yet; use backend='torch' (the default "
-                         "for 'auto') or 'reference'")
-    return "torch" if backend == "auto" else backend
-
-
 def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                                num_landmarks: int = 128, landmarks: str = "random",
@@ -211,19 +201,29 @@ def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                     backend, landmark_refine)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     if landmark_indices is not None:
-        varlen.check_packed_landmark_indices(landmark_indices, lengths_q, lengths_k, q.device)
-    backend = _packed_backend(backend)
+        varlen.check_packed_landmark_indices(landmark_indices, cu_seqlens_q, cu_seqlens_k, q.device)
+    m = num_landmarks if landmark_indices is None else landmark_indices.shape[1]
+    # The fused kernels do not refine packed landmarks yet: "auto" then takes the tiled PyTorch path.
+    backend = _resolve_backend("torch" if backend == "auto" and landmark_refine else backend, q, v, m)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:  # no query, no key at all, or no head: zeros
         return _empty_result(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    draws = None
+    if landmark_indices is None and landmarks == "random":
+        with stage("landmarks"):
+            draws = landmark_draws(num_seqs, num_landmarks, generator, q.device)
+    if backend == "triton":  # the dense kernels, addressed by sequence; they sample from the draws themselves
+        from . import triton_backend
+        with without_autocast(q.device):
+            return triton_backend.skyformer_attention(
+                q, k, v, None, num_landmarks, landmark_indices, draws, ridge, inverse, ns_iters, scale,
+                deterministic, landmark_refine, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     if landmark_indices is None:
-        draws = (landmark_draws(lengths_q.shape[0], num_landmarks, generator, q.device) if landmarks == "random"
-                 else None)
-        landmark_indices = varlen.sample_packed_landmarks(lengths_q, lengths_k, num_landmarks, landmarks, draws)
+        landmark_indices = varlen.sample_packed_landmarks(cu_seqlens_q, cu_seqlens_k, num_landmarks, landmarks,
+                                                          draws)
     with without_autocast(q.device):
         if backend == "reference":
             return varlen.skyformer_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, landmark_indices, ridge, inverse,
@@ -243,12 +243,16 @@ def kernelized_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     varlen.check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _checks.check_scale(scale)
     _checks.check_bool("deterministic", deterministic)
-    backend = _packed_backend(backend)
+    backend = _resolve_backend(backend, q, v)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:
         return _empty_result(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     with without_autocast(q.device):
+        if backend == "triton":
+            from . import triton_backend
+            return triton_backend.kernelized_attention(q, k, v, None, scale, deterministic,
+                                                       (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
         if backend == "reference":
             return varlen.kernelized_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
         return varlen.kernelized_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)

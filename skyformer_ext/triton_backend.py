@@ -16,7 +16,8 @@ No launch computes anything but these stages (no memsets, no separate reductions
 waits for the GPU: the call can be captured in a CUDA graph. Nothing (n x m) or (n x n) exists, forward or
 backward: the kernels recompute kappa tiles; the extra buffers are O(m * p) per head plus bounded per-split
 partial sums (deterministic=False: one float32 buffer per reduction that the splits add into atomically).
-Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is first
+Packed variable-length calls (skyformer_attention_varlen) are the same op with cu_seqlens: the same kernels and
+launches, addressed by sequence. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is first
 imported; the tests do).
 """
 
@@ -31,6 +32,7 @@ from torch import Tensor
 from triton_kernels import key_summary, kernelized, landmark_solve, query_apply
 from triton_kernels import landmark_refine as refine_stage
 from triton_kernels import landmarks as landmark_stage
+from triton_kernels.gaussian_tiles import Sequences
 
 from ._amp import AUTOCAST_DEVICES, autocast_inputs, without_autocast
 from ._autograd import first_order_only
@@ -64,36 +66,29 @@ def check_inputs(q: Tensor, v: Tensor) -> None:
                          f"before importing skyformer_ext to run the kernels on CPU in Triton's interpreter)")
 
 
-def _save_inputs_and_options(ctx, inputs, output):
-    """setup_context of the ops here: the inputs are (tensors or None..., options...); the tensors are saved
-    (backward recomputes from them), the trailing Python options kept for the backward op."""
-    tensors = [x for x in inputs if x is None or isinstance(x, Tensor)]
-    ctx.save_for_backward(*tensors)
-    ctx.options = tuple(inputs[len(tensors):])
-
-
-def _no_grads(ctx) -> tuple[None, ...]:
-    return (None,) * len(ctx.options)
-
-
 # ---- Skyformer: the five stages in one op ---------------------------------------------------------------
 
 @torch.library.custom_op("skyformer_ext::skyformer_attention", mutates_args=())
 def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                            landmark_indices: Optional[Tensor], landmark_draws: Optional[Tensor],
                            num_landmarks: int, scale: float, ridge: float, inverse: str, ns_iters: int,
-                           deterministic: bool, landmark_refine: int
+                           deterministic: bool, landmark_refine: int, cu_seqlens_q: Optional[Tensor] = None,
+                           cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, landmarks, landmark indices, Z, Y, refine assignments, refine counts): the output and what the
     backward needs. Seeds come from landmark_indices when given, else from landmark_draws (random), else the
-    strided grid; landmark_refine Lloyd steps then move them."""
+    strided grid; landmark_refine Lloyd steps then move them. With cu_seqlens_q / cu_seqlens_k q, k, v are
+    packed sequences (flash-attn's varlen layout, no key mask) and batch row s of everything per-landmark is
+    sequence s: the same kernels, addressed by sequence."""
+    seqs = _sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    query_seqs, key_seqs = seqs if seqs is not None else (None, None)
     with stage("landmarks"):
         landmarks, indices = landmark_stage.forward(q, k, key_mask, num_landmarks, landmark_indices,
-                                                    landmark_draws)
+                                                    landmark_draws, seqs)
     with stage("landmark_refine"):
         landmarks, assignments, counts = refine_stage.forward(q, k, key_mask, landmarks, landmark_refine)
     with stage("key_summary"):
-        summary_partials = key_summary.forward(k, v, landmarks, key_mask, scale, deterministic)
+        summary_partials = key_summary.forward(k, v, landmarks, key_mask, scale, deterministic, key_seqs)
     with stage("landmark_solve"):
         if inverse == "cholesky":
             # A matrix that stays not positive definite after jitter gets NaN values (its status is not read
@@ -104,19 +99,31 @@ def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
             values, summary = landmark_solve.solve_forward(landmarks, summary_partials, scale, ridge, ns_iters,
                                                            q.dtype)
     with stage("query_apply"):
-        out = query_apply.forward(q, landmarks, values, scale)
+        out = query_apply.forward(q, landmarks, values, scale, query_seqs)
     return out, landmarks, indices, summary, values, assignments, counts
+
+
+_NOT_PACKED = (None, None, 0, 0)  # the defaults of the packing arguments (cu_seqlens_q/k, max_seqlen_q/k)
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
+    """(query, key) Sequences of a packed call, None for a dense one."""
+    if cu_seqlens_q is None:
+        return None
+    return Sequences(cu_seqlens_q, max_seqlen_q), Sequences(cu_seqlens_k, max_seqlen_k)
 
 
 @skyformer_attention_op.register_fake
 def _(q, k, v, key_mask, landmark_indices, landmark_draws, num_landmarks, scale, ridge, inverse, ns_iters,
-      deterministic, landmark_refine):
-    batch, heads, n_q, _ = q.shape
+      deterministic, landmark_refine, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    packed = cu_seqlens_q is not None
+    batch, heads = (cu_seqlens_q.shape[0] - 1, q.shape[1]) if packed else q.shape[:2]
+    points = q.shape[0] + k.shape[0] if packed else q.shape[2] + k.shape[2]
     head_rows = (batch, heads, num_landmarks)
-    return (q.new_empty(batch, heads, n_q, v.shape[3]), q.new_empty(*head_rows, q.shape[3]),
+    return (q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(*head_rows, q.shape[-1]),
             q.new_empty(batch, num_landmarks, dtype=torch.int64),
-            q.new_empty(*head_rows, v.shape[3], dtype=torch.float32), q.new_empty(*head_rows, v.shape[3]),
-            q.new_empty(landmark_refine, batch, heads, n_q + k.shape[2], dtype=torch.int32),
+            q.new_empty(*head_rows, v.shape[-1], dtype=torch.float32), q.new_empty(*head_rows, v.shape[-1]),
+            q.new_empty(landmark_refine, batch, heads, points, dtype=torch.int32),
             q.new_empty(landmark_refine, *head_rows, dtype=torch.float32))
 
 
@@ -124,10 +131,14 @@ def _(q, k, v, key_mask, landmark_indices, landmark_draws, num_landmarks, scale,
 def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                                  landmarks: Tensor, indices: Tensor, summary: Tensor, values: Tensor,
                                  assignments: Tensor, counts: Tensor, scale: float, ridge: float, inverse: str,
-                                 ns_iters: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                                 ns_iters: int, deterministic: bool, cu_seqlens_q: Optional[Tensor] = None,
+                                 cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+                                 max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    seqs = _sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    query_seqs, key_seqs = seqs if seqs is not None else (None, None)
     with stage("query_apply"):
         grad_q, grad_landmarks_queries, grad_values = query_apply.backward(grad_out, q, landmarks, values,
-                                                                           scale, deterministic)
+                                                                           scale, deterministic, query_seqs)
     with stage("landmark_solve"):
         if inverse == "cholesky":
             grad_summary, grad_summary_factor, grad_landmarks_solve = landmark_solve.cholesky_backward(
@@ -137,12 +148,13 @@ def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
                 grad_values, landmarks, summary, scale, ridge, ns_iters, q.dtype)
     with stage("key_summary"):
         grad_k, grad_v, grad_landmarks_keys = key_summary.backward(grad_summary, grad_summary_factor, k, v,
-                                                                   landmarks, key_mask, scale, deterministic)
+                                                                   landmarks, key_mask, scale, deterministic,
+                                                                   key_seqs)
     refined = assignments.shape[0] > 0
     with stage("landmarks"):
         grad_landmarks = landmark_stage.backward_into(grad_q, grad_k, indices, key_mask, grad_landmarks_queries,
                                                       grad_landmarks_keys, grad_landmarks_solve,
-                                                      counts if refined else None)
+                                                      counts if refined else None, seqs)
     if refined:
         with stage("landmark_refine"):
             refine_stage.backward_into(grad_q, grad_k, assignments, counts, grad_landmarks)
@@ -151,23 +163,28 @@ def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
 
 @skyformer_attention_backward.register_fake
 def _(grad_out, q, k, v, key_mask, landmarks, indices, summary, values, assignments, counts, scale, ridge, inverse,
-      ns_iters, deterministic):
+      ns_iters, deterministic, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _skyformer_setup(ctx, inputs, output):
-    q, k, v, key_mask, _, _, _, scale, ridge, inverse, ns_iters, deterministic, _ = inputs
+    q, k, v, key_mask, _, _, _, scale, ridge, inverse, ns_iters, deterministic, _, *packing = inputs
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = (*packing, *_NOT_PACKED[len(packing):])
     _, landmarks, indices, summary, values, assignments, counts = output
-    ctx.save_for_backward(q, k, v, key_mask, landmarks, indices, summary, values, assignments, counts)
+    ctx.save_for_backward(q, k, v, key_mask, landmarks, indices, summary, values, assignments, counts,
+                          cu_seqlens_q, cu_seqlens_k)
     ctx.options = (scale, ridge, inverse, ns_iters, deterministic)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs kept for the backward
 
 
 def _skyformer_backward(ctx, grad_out, *_unused_grads):
+    *saved, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     with torch.no_grad(), without_autocast(grad_out.device):
-        grads = skyformer_attention_backward(grad_out, *ctx.saved_tensors, *ctx.options)
-    return *first_order_only("triton", grads, (grad_out, *ctx.saved_tensors)), *(None,) * 10
+        grads = skyformer_attention_backward(grad_out, *saved, *ctx.options, cu_seqlens_q, cu_seqlens_k,
+                                             *ctx.max_seqlens)
+    return *first_order_only("triton", grads, (grad_out, *saved)), *(None,) * 14
 
 
 skyformer_attention_op.register_autograd(_skyformer_backward, setup_context=_skyformer_setup)
@@ -177,35 +194,53 @@ skyformer_attention_op.register_autograd(_skyformer_backward, setup_context=_sky
 
 @torch.library.custom_op("skyformer_ext::kernelized_attention", mutates_args=())
 def kernelized_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
-                            deterministic: bool) -> Tensor:
-    """deterministic only matters to the backward (dK and dV split over the query rows)."""
-    return kernelized.forward(q, k, v, key_mask, scale)
+                            deterministic: bool, cu_seqlens_q: Optional[Tensor] = None,
+                            cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+                            max_seqlen_k: int = 0) -> Tensor:
+    """deterministic only matters to the backward (dK and dV split over the query rows). cu_seqlens: packed
+    sequences, as in skyformer_attention_op."""
+    return kernelized.forward(q, k, v, key_mask, scale,
+                              *(_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) or ()))
 
 
 @kernelized_attention_op.register_fake
-def _(q, k, v, key_mask, scale, deterministic):
-    return q.new_empty(*q.shape[:3], v.shape[3])
+def _(q, k, v, key_mask, scale, deterministic, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+      max_seqlen_k=0):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @torch.library.custom_op("skyformer_ext::kernelized_attention_backward", mutates_args=())
 def kernelized_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
-                                  scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return kernelized.backward(grad_out, q, k, v, key_mask, scale, deterministic)
+                                  scale: float, deterministic: bool, cu_seqlens_q: Optional[Tensor] = None,
+                                  cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+                                  max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return kernelized.backward(grad_out, q, k, v, key_mask, scale, deterministic,
+                               *(_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) or ()))
 
 
 @kernelized_attention_backward.register_fake
-def _(grad_out, q, k, v, key_mask, scale, deterministic):
+def _(grad_out, q, k, v, key_mask, scale, deterministic, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+      max_seqlen_k=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _ka_setup(ctx, inputs, output):
+    q, k, v, key_mask, scale, deterministic, *packing = inputs
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = (*packing, *_NOT_PACKED[len(packing):])
+    ctx.save_for_backward(q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k)
+    ctx.options = (scale, deterministic)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+
+
 def _ka_backward(ctx, grad_out):
-    q, k, v, key_mask = ctx.saved_tensors
+    q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     with torch.no_grad(), without_autocast(grad_out.device):
-        grads = kernelized_attention_backward(grad_out, q, k, v, key_mask, *ctx.options)
-    return *first_order_only("triton", grads, (grad_out, q, k, v)), None, *_no_grads(ctx)
+        grads = kernelized_attention_backward(grad_out, q, k, v, key_mask, *ctx.options, cu_seqlens_q,
+                                              cu_seqlens_k, *ctx.max_seqlens)
+    return *first_order_only("triton", grads, (grad_out, q, k, v)), *(None,) * 7
 
 
-kernelized_attention_op.register_autograd(_ka_backward, setup_context=_save_inputs_and_options)
+kernelized_attention_op.register_autograd(_ka_backward, setup_context=_ka_setup)
 
 
 # ---- autocast: the policy of skyformer_ext._amp for direct calls of the ops --------------------------------
@@ -234,14 +269,17 @@ for _name in ("skyformer_attention", "kernelized_attention"):
 
 # ---- entry points used by api.py -----------------------------------------------------------------------
 
-def kernelized_attention(q, k, v, attn_mask, scale: float, deterministic: bool = True) -> Tensor:
+def kernelized_attention(q, k, v, attn_mask, scale: float, deterministic: bool = True, packing=_NOT_PACKED) -> Tensor:
+    """packing: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of packed q, k, v."""
     check_inputs(q, v)
-    return kernelized_attention_op(q, k, v, attn_mask, scale, deterministic)
+    return kernelized_attention_op(q, k, v, attn_mask, scale, deterministic, *packing)
 
 
 def skyformer_attention(q, k, v, attn_mask, num_landmarks: int, landmark_indices, landmark_draws, ridge,
-                        inverse, ns_iters, scale, deterministic: bool = True, landmark_refine: int = 0) -> Tensor:
-    """Landmarks (-> Lloyd steps) -> key summary -> landmark solve -> query apply, every stage fused kernels."""
+                        inverse, ns_iters, scale, deterministic: bool = True, landmark_refine: int = 0,
+                        packing=_NOT_PACKED) -> Tensor:
+    """Landmarks (-> Lloyd steps) -> key summary -> landmark solve -> query apply, every stage fused kernels.
+    packing: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of packed q, k, v (no attn_mask)."""
     check_inputs(q, v)
     if landmark_indices is not None:
         landmark_indices = landmark_indices.contiguous()  # the kernel reads rows of unit inner stride
@@ -249,5 +287,8 @@ def skyformer_attention(q, k, v, attn_mask, num_landmarks: int, landmark_indices
     if num_landmarks > MAX_LANDMARKS:
         raise ValueError(f"backend='triton' supports up to {MAX_LANDMARKS} landmarks, got num_landmarks="
                          f"{num_landmarks}; use backend='torch'")
+    if landmark_refine and packing[0] is not None:
+        raise ValueError("backend='triton' does not refine the landmarks of packed sequences yet "
+                         "(landmark_refine > 0); use backend='torch'")
     return skyformer_attention_op(q, k, v, attn_mask, landmark_indices, landmark_draws, num_landmarks, scale,
-                                  ridge, inverse, ns_iters, deterministic, landmark_refine)[0]
+                                  ridge, inverse, ns_iters, deterministic, landmark_refine, *packing)[0]

@@ -67,9 +67,13 @@ def check_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             raise ValueError(f"{max_name} ({longest}) is smaller than the longest sequence ({most})")
 
 
-def check_packed_landmark_indices(idx, lengths_q, lengths_k, device) -> None:
+def _lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return cu_seqlens[1:] - cu_seqlens[:-1]
+
+
+def check_packed_landmark_indices(idx, cu_seqlens_q, cu_seqlens_k, device) -> None:
     """(num_seqs, m) rows of each sequence's own [q_s; k_s]: 0..len_q - 1 queries, then its keys."""
-    num_seqs = lengths_q.shape[0]
+    num_seqs = cu_seqlens_q.shape[0] - 1
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"landmark_indices must be an integer torch.Tensor, got {type(idx).__name__}")
     if idx.dtype not in (torch.int64, torch.int32):
@@ -80,7 +84,7 @@ def check_packed_landmark_indices(idx, lengths_q, lengths_k, device) -> None:
     if idx.device != torch.device(device):
         raise ValueError(f"landmark_indices is on {idx.device} but q is on {device}")
     if idx.numel() and _checks.reads_values(idx):
-        rows = (lengths_q + lengths_k)[:, None]
+        rows = (_lengths(cu_seqlens_q) + _lengths(cu_seqlens_k))[:, None]
         outside = (idx < 0) | ((idx >= rows) & (rows > 0))
         if bool(outside.any()):
             s = int(outside.any(1).nonzero()[0, 0])
@@ -89,13 +93,14 @@ def check_packed_landmark_indices(idx, lengths_q, lengths_k, device) -> None:
                              f"{idx[s].tolist()}")
 
 
-def sample_packed_landmarks(lengths_q: torch.Tensor, lengths_k: torch.Tensor, num_landmarks: int,
+def sample_packed_landmarks(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, num_landmarks: int,
                             strategy: str, draws: torch.Tensor | None) -> torch.Tensor:
     """(num_seqs, m) int64 rows of each sequence's own [q_s; k_s], by the dense sampler's rule per sequence
     (skyformer_ext.landmarks.sample_landmarks without a mask): the first m // 2 landmarks among its queries
     (none when it has no query), the rest among its keys; ``draws`` (num_seqs, m) uniform in [0, 1) for
     "random", the midpoints of equal cells for "strided". A sequence without keys gets row 0 everywhere (its
     landmarks are zero rows)."""
+    lengths_q, lengths_k = _lengths(cu_seqlens_q), _lengths(cu_seqlens_k)
     num_seqs, m = lengths_q.shape[0], num_landmarks
     slots = torch.arange(m, device=lengths_q.device).expand(num_seqs, m)
     m_queries = torch.where(lengths_q > 0, m // 2, 0)[:, None]

@@ -66,3 +66,16 @@ def test_landmark_refinement_costs_two_launches_forward_and_one_backward_per_ste
                                 "landmark_solve": 1, "query_apply": 1}, forward.by_kernel
     assert backward.by_stage == {"query_apply": 2, "landmark_solve": 1, "key_summary": 2, "landmarks": 1,
                                  "landmark_refine": steps}, backward.by_kernel
+
+
+def test_packed_call_launches_what_the_dense_call_launches():
+    """Issue 14: a packed call of mixed-length sequences runs the dense path's stage kernels, one launch each
+    for all sequences (no per-sequence loop, no padded copy, no host sync in any stage). Its only other work
+    is the validation of cu_seqlens (unlabelled; one read-back of their values, which the CPU counts do not
+    show as a sync; skipped under torch.compile and CUDA-graph capture)."""
+    forward, backward = count_skyformer(Config(**{**BASE, "mask": False, "packed": True, "batch": 3}))
+    stage_counts = {s: c for s, c in forward.by_stage.items() if s in STAGES}
+    # The dense default call's counts (test_default_call_launches_one_kernel_per_stage_pass).
+    assert stage_counts == {"landmarks": 2, "key_summary": 1, "landmark_solve": 1, "query_apply": 1}, forward.by_kernel
+    assert backward.by_stage == {"query_apply": 2, "landmark_solve": 1, "key_summary": 2, "landmarks": 1}
+    assert set(forward.by_stage) - STAGES <= {"(unlabelled)"} and backward.syncs == 0

@@ -43,6 +43,15 @@ def test_every_kernel_compiles_without_spills_in_the_benchmark_buckets(tmp_path)
                    "cholesky_fwd_kernel", "cholesky_bwd_kernel", "landmark_rows_kernel",
                    "landmark_grad_scatter_kernel", "lloyd_assign_kernel", "lloyd_update_kernel", "lloyd_grad_kernel"):
         assert kernel in kernels, (kernel, sorted(kernels))
+    # The packed (varlen) variants of issue 14: every generic kernel with packed rows (query apply), packed
+    # keys (key summary) and both (kernelized), the landmark kernels with packed q and k.
+    for kernel in ("gaussian_attention_fwd_kernel", "gaussian_attention_bwd_rows_kernel",
+                   "gaussian_attention_bwd_keys_kernel"):
+        configs = [r["config"] for r in rows if r["kernel"] == kernel]
+        for flags in ("packed-x", "packed-y", "packed-x packed-y"):
+            assert any(flags in c and ("packed-y" in c) == ("packed-y" in flags) for c in configs), (kernel, flags)
+    for kernel in ("landmark_rows_kernel", "landmark_grad_scatter_kernel"):
+        assert any(" packed" in r["config"] for r in rows if r["kernel"] == kernel), kernel
 
 
 @pytest.mark.slow

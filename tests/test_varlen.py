@@ -25,8 +25,8 @@ def _packed(dtype=torch.float64, lengths=LENGTHS, heads=4, kv_heads=2, p=7, p_v=
     q = torch.randn(int(lq.sum()), heads, p, generator=gen, dtype=torch.float64).to(dtype)
     k = torch.randn(int(lk.sum()), kv_heads, p, generator=gen, dtype=torch.float64).to(dtype)
     v = torch.randn(int(lk.sum()), kv_heads, p_v, generator=gen, dtype=torch.float64).to(dtype)
-    indices = varlen.sample_packed_landmarks(lq, lk, M, "random", torch.rand(len(lengths), M, generator=gen,
-                                                                              dtype=torch.float64))
+    indices = varlen.sample_packed_landmarks(cu_q, cu_k, M, "random", torch.rand(len(lengths), M, generator=gen,
+                                                                                  dtype=torch.float64))
     return q, k, v, cu_q, cu_k, int(lq.max()), int(lk.max()), indices
 
 
@@ -38,7 +38,7 @@ def _grads(fn, q, k, v, seed=1):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _dense_loop(fn_name, backend, q, k, v, cu_q, cu_k, indices):
+def _dense_loop(fn_name, backend, q, k, v, cu_q, cu_k, indices, **options):
     """The same problem as one dense call per sequence (zeros where a sequence has no keys)."""
     outs = []
     for s in range(len(cu_q) - 1):
@@ -51,9 +51,9 @@ def _dense_loop(fn_name, backend, q, k, v, cu_q, cu_k, indices):
             continue
         dense = [x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1])]
         if fn_name == "skyformer":
-            out = sx.skyformer_attention(*dense, landmark_indices=indices[s:s + 1], backend=backend)
+            out = sx.skyformer_attention(*dense, landmark_indices=indices[s:s + 1], backend=backend, **options)
         else:
-            out = sx.kernelized_attention(*dense, backend=backend)
+            out = sx.kernelized_attention(*dense, backend=backend, **options)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs)
 
@@ -101,9 +101,10 @@ def test_torch_packed_low_precision_against_float64(dtype, fn_name):
 def test_sampled_landmarks_follow_the_dense_rule_per_sequence():
     """Random and strided landmarks of a pack are the dense sampler's, sequence by sequence."""
     lengths_q, lengths_k = torch.tensor([5, 0, 30, 1]), torch.tensor([3, 4, 26, 2])
+    cu_q, cu_k = (torch.cat([torch.zeros(1, dtype=torch.int64), x.cumsum(0)]).int() for x in (lengths_q, lengths_k))
     draws = torch.rand(4, 8, dtype=torch.float64)
-    packed = varlen.sample_packed_landmarks(lengths_q, lengths_k, 8, "random", draws)
-    strided = varlen.sample_packed_landmarks(lengths_q, lengths_k, 8, "strided", None)
+    packed = varlen.sample_packed_landmarks(cu_q, cu_k, 8, "random", draws)
+    strided = varlen.sample_packed_landmarks(cu_q, cu_k, 8, "strided", None)
     for s in range(4):
         n_q, n_k = int(lengths_q[s]), int(lengths_k[s])
         # The dense sampler with the same draws (a generator that replays them is not available: map directly).
@@ -190,8 +191,10 @@ def test_bad_landmark_indices_and_backends_are_refused():
         call(landmark_indices=outside)
     with pytest.raises(ValueError, match="landmark_indices"):
         call(landmark_indices=indices[:3])
-    with pytest.raises(ValueError, match="backend='triton'"):
-        call(backend="triton")
+    with pytest.raises(ValueError, match="landmark_refine"):
+        call(backend="triton", landmark_refine=1)  # the fused kernels do not refine packed landmarks yet
+    with pytest.raises(TypeError, match="backend='triton'"):
+        sx.skyformer_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k, backend="triton")
     with pytest.raises(ValueError, match="landmark_refine"):
         call(landmark_refine=-1)
 
@@ -248,6 +251,68 @@ def test_module_packed_cross_attention_and_refusals():
         module(x, cu_seqlens=cu_q)
 
 
+# ---- backend="triton" (Triton's interpreter here): the dense kernels, addressed by sequence --------------------
+
+# Every edge case of LENGTHS at sizes the interpreter runs quickly; 37 and 29 rows span several tiles and splits.
+TRITON_LENGTHS = [(5, 3), (1, 1), (0, 4), (37, 29), (7, 0), (0, 0), (2, 9)]
+
+
+def _triton_pack(dtype=torch.float32):
+    return _packed(dtype, TRITON_LENGTHS, heads=2, kv_heads=1, p=20, p_v=12)
+
+
+@pytest.mark.parametrize("fn_name,options", [
+    ("skyformer", dict(ns_iters=2)),
+    ("skyformer", dict(inverse="cholesky", deterministic=False)),
+    ("kernelized", dict()),
+    ("kernelized", dict(deterministic=False)),
+], ids=["skyformer", "skyformer-cholesky-atomic", "kernelized", "kernelized-atomic"])
+def test_triton_packed_call_equals_dense_triton_calls_and_the_reference(fn_name, options, nan_poisoned_empty):
+    """Outputs and every gradient of one packed launch set equal the loop of dense triton calls and the float64
+    reference; buffers start as NaN, so an element no program writes fails."""
+    q, k, v, cu_q, cu_k, max_q, max_k, indices = _triton_pack()
+    packed = _grads(_packed_call(fn_name, "triton", cu_q, cu_k, max_q, max_k, indices, **options), q, k, v)
+    dense = _grads(lambda q, k, v: _dense_loop(fn_name, "triton", q, k, v, cu_q, cu_k, indices, **options), q, k, v)
+    truth = _grads(_packed_call(fn_name, "reference", cu_q, cu_k, max_q, max_k, indices,
+                                **{key: value for key, value in options.items() if key != "deterministic"}),
+                   *(x.double() for x in (q, k, v)))
+    for name, a, d, t in zip(("out", "dq", "dk", "dv"), packed, dense, truth):
+        bound = 1e-5 * max(1.0, t.abs().max().item())
+        assert a.dtype == torch.float32 and max_error(a, d) <= bound and max_error(a, t) <= bound, name
+    keyless_rows = slice(int(cu_q[4]), int(cu_q[5]))  # sequence 4 has queries and no key: zeros
+    assert torch.equal(packed[0][keyless_rows], torch.zeros_like(packed[0][keyless_rows]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fn_name", ["skyformer", "kernelized"])
+def test_triton_packed_low_precision_within_twice_the_torch_path_error(dtype, fn_name):
+    q, k, v, cu_q, cu_k, max_q, max_k, indices = _triton_pack()
+    low = [x.to(dtype) for x in (q, k, v)]
+    options = dict(ns_iters=2) if fn_name == "skyformer" else {}
+    truth = _grads(_packed_call(fn_name, "reference", cu_q, cu_k, max_q, max_k, indices, **options),
+                   *(x.double() for x in low))
+    got = _grads(_packed_call(fn_name, "triton", cu_q, cu_k, max_q, max_k, indices, **options), *low)
+    baseline = _grads(_packed_call(fn_name, "torch", cu_q, cu_k, max_q, max_k, indices, **options), *low)
+    for name, a, t, base in zip(("out", "dq", "dk", "dv"), got, truth, baseline):
+        assert a.dtype == dtype
+        assert_within_low_precision_rule(a, t, base, name=name, floor=torch.finfo(dtype).eps * t.abs().max().item())
+
+
+@pytest.mark.parametrize("landmarks", ["random", "strided"])
+def test_triton_samples_packed_landmarks_by_the_torch_rule(landmarks):
+    """The landmark kernel draws each sequence's landmarks from the same uniform draws by the same rule as
+    sample_packed_landmarks (torch backend), also when max_seqlen overstates the longest sequence."""
+    q, k, v, cu_q, cu_k, max_q, max_k, _ = _triton_pack()
+
+    def call(backend, extra):
+        return sx.skyformer_attention_varlen(q, k, v, cu_q, cu_k, max_q + extra, max_k + extra, num_landmarks=M,
+                                             landmarks=landmarks, ns_iters=2, backend=backend,
+                                             generator=torch.Generator().manual_seed(5))
+    expected = call("torch", 0)
+    for extra in (0, 40):
+        assert max_error(call("triton", extra), expected) <= 1e-5 * max(1.0, expected.abs().max().item()), extra
+
+
 # ---- fuzzed: any pack of sequences equals the loop of dense reference calls ---------------------------------
 
 from hypothesis import given, strategies as st  # noqa: E402
@@ -277,10 +342,9 @@ def packs(draw):
 @given(packs())
 def test_fuzzed_packs_match_the_reference(pack):
     q, k, v, cu_q, cu_k, max_q, max_k, options, seed = pack
-    lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
-    draws = torch.rand(len(lengths_q), options["num_landmarks"], generator=torch.Generator().manual_seed(seed),
+    draws = torch.rand(len(cu_q) - 1, options["num_landmarks"], generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64)
-    indices = varlen.sample_packed_landmarks(lengths_q, lengths_k, options.pop("num_landmarks"),
+    indices = varlen.sample_packed_landmarks(cu_q, cu_k, options.pop("num_landmarks"),
                                              options.pop("landmarks"), draws)
     truth = _grads(_packed_call("skyformer", "reference", cu_q, cu_k, max_q, max_k, indices, **options),
                    *(x.double() for x in (q, k, v)))

@@ -14,7 +14,9 @@ bucket (``HEAD_DIMS``: 16..256), input dtype and, for the landmark solve, landma
 the launches that may split, both the deterministic store and the atomic-add variant (``ATOMIC``,
 deterministic=False), the key summary's scaled output gradient (``SCALED_GRAD``), the landmark kernels
 (``landmarks``: every landmark-count bucket up to ``MAX_LANDMARKS`` and landmark source) and the landmark
-refinement's kernels (``landmark_refine``: every head-dim and landmark-count bucket). Signatures: unit
+refinement's kernels (``landmark_refine``: every head-dim and landmark-count bucket). Packed (varlen) calls
+compile their own variants of the same kernels (``X_PACKED`` / ``Y_PACKED``, ``PACKED``; int32 cu_seqlens
+pointers), checked here beside the dense ones. Signatures: unit
 inner strides, 16-byte aligned pointers, other strides and head dims taken as multiples of 16 (the usual
 shapes; other values compile the same code without that alignment hint), arguments a kernel does not
 specialise (its ``do_not_specialize``) as plain ints, and the specialised counts that take any value
@@ -26,6 +28,7 @@ specialise (its ``do_not_specialize``) as plain ints, and the specialised counts
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -62,8 +65,9 @@ class Launch:
         # The landmark solve's iteration multiplies float32 workspace matrices whatever the input dtype.
         float32_dots = self.dtype == "fp32" or self.module == "landmark_solve"
         precision = dict(self.constexprs).get("PRECISION", "") if float32_dots else ""
-        flags = "".join(f" {flag}" for flag, name in (("atomic", "ATOMIC"), ("scaled", "SCALED_GRAD"))
-                        if dict(self.constexprs).get(name))
+        flags = "".join(f" {flag}" for flag, name in (("atomic", "ATOMIC"), ("scaled", "SCALED_GRAD"),
+                                                      ("packed-x", "X_PACKED"), ("packed-y", "Y_PACKED"),
+                                                      ("packed", "PACKED")) if dict(self.constexprs).get(name))
         source = f" source={dict(self.constexprs)['SOURCE']}" if "SOURCE" in dict(self.constexprs) else ""
         ints = "".join(f" {name}={'*' if value is None else value}" for name, value in self.int_values)
         registers = f"r{self.maxnreg}" if self.maxnreg else ""
@@ -85,7 +89,7 @@ def _stage_launches(dtype: str, head_dims=None) -> list[Launch]:
     from . import gaussian_tiles as gt
 
     f32 = "fp32"
-    variants = {  # role -> [(stages, {pointer: dtype}, atomic, scaled gradient)]
+    dense = {  # role -> [(stages, {pointer: dtype}, atomic, scaled gradient)]
         "fwd": [("kernelized,query_apply", {"OUT": dtype}, False, False),
                 ("key_summary", {"OUT": f32}, False, False), ("key_summary", {"OUT": f32}, True, False)],
         "rows": [("kernelized,query_apply", {"GRAD_X": dtype}, False, False),
@@ -95,16 +99,24 @@ def _stage_launches(dtype: str, head_dims=None) -> list[Launch]:
                  ("kernelized,query_apply", {"GRAD_Y": f32, "GRAD_V": f32}, True, False),
                  ("key_summary", {"GRAD_Y": dtype, "GRAD_V": dtype, "GRAD_FACTOR": f32}, False, True)],
     }
+    # Packed sequences (X_PACKED, Y_PACKED): the query apply packs X, the key summary Y, kernelized both.
+    packing = {"query_apply": (True, False), "key_summary": (False, True), "kernelized": (True, True)}
+    variants = {role: [(stages, pointers, atomic, scaled, (False, False))
+                       for stages, pointers, atomic, scaled in entries]
+                + [(stage, pointers, atomic, scaled, packing[stage])
+                   for stages, pointers, atomic, scaled in entries for stage in stages.split(",")]
+                for role, entries in dense.items()}
     kernels = {"fwd": "gaussian_attention_fwd_kernel", "rows": "gaussian_attention_bwd_rows_kernel",
                "keys": "gaussian_attention_bwd_keys_kernel"}
     launches = {}
     for block_d in head_dims or gt.HEAD_DIMS:
         for role in gt.KERNEL_ROLES:
             for cfg in gt.block_candidates(role, block_d, DTYPES[dtype]):
-                for stages, pointers, atomic, scaled in variants[role]:
+                for stages, pointers, atomic, scaled, (x_packed, y_packed) in variants[role]:
                     consts = (("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", block_d),
                               ("BLOCK_DV", block_d), ("UPCAST", False), ("PRECISION", cfg["PRECISION"]),
-                              ("ATOMIC", atomic)) + ((("SCALED_GRAD", scaled),) if role != "fwd" else ())
+                              ("ATOMIC", atomic)) + ((("SCALED_GRAD", scaled),) if role != "fwd" else ()) + (
+                        ("X_PACKED", x_packed), ("Y_PACKED", y_packed))
                     key = (kernels[role], tuple(sorted(pointers.items())), consts, cfg["num_warps"],
                            cfg["num_stages"])
                     if key in launches:  # float32 inputs: the stages' pointer dtypes coincide
@@ -119,7 +131,7 @@ def _landmark_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
 
     Rows kernel: every landmark-count bucket (BLOCK_M, 16..MAX_LANDMARKS) and source: given indices (int64
     or int32; DRAWS is then the int64 index output as a placeholder), float64 draws, the strided grid (both
-    placeholders int64). n_q, n_k and m // 2 are specialised by Triton but take any value. Scatter kernel:
+    placeholders int64). n_q and n_k are specialised by Triton but take any value. Scatter kernel:
     every head-dim bucket, float32 dL parts; its split counts are 1 (no split, or atomic partials) or any
     other value, each a compiled variant of its own.
     """
@@ -133,24 +145,23 @@ def _landmark_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
                (lm.SOURCE_GIVEN, (("DRAWS", i64), ("INDICES_IN", "i32"))),
                (lm.SOURCE_DRAWS, (("DRAWS", "fp64"), ("INDICES_IN", i64))),
                (lm.SOURCE_STRIDED, (("DRAWS", i64), ("INDICES_IN", i64)))]
-    any_value = (("n_q", None), ("n_k", None), ("m_queries", None))
+    any_value = (("n_q", None), ("n_k", None))
     for block_m in m_pads or m_blocks:
-        for source, pointers in sources:
+        for (source, pointers), packed in itertools.product(sources, (False, True)):
             cfg = lm.rows_config(block_m)
             consts = (("SOURCE", source.value), ("BLOCK_M", block_m), ("BLOCK_N", cfg["BLOCK_N"]),
-                      ("BLOCK_D", cfg["BLOCK_D"]))
+                      ("BLOCK_D", cfg["BLOCK_D"]), ("PACKED", packed))
             launches.append(Launch("landmark_rows_kernel", "landmarks", dtype, pointers + (("INDICES_OUT", i64),),
                                    consts, cfg["num_warps"], 3, "landmarks", any_value, cfg["maxnreg"]))
     f32 = "fp32"
     pointers = (("COUNTS", f32), ("GRAD_KS", f32), ("GRAD_QA", f32), ("GRAD_SOLVE", f32), ("GRAD_TOTAL", f32),
                 ("INDICES", i64))
     for block_d in head_dims or gt.HEAD_DIMS:
-        for query_splits in (1, None):
-            for key_splits in (1, None):
-                launches.append(Launch("landmark_grad_scatter_kernel", "landmarks", dtype, pointers,
-                                       (("BLOCK_D", block_d), ("BLOCK_N", lm.SCATTER_MASK_BLOCK)), 4, 3,
-                                       "landmarks", (("n_q", None), ("n_k", None), ("query_splits", query_splits),
-                                                     ("key_splits", key_splits)), lm.SCATTER_MAX_REGISTERS))
+        for query_splits, key_splits, packed in itertools.product((1, None), (1, None), (False, True)):
+            launches.append(Launch("landmark_grad_scatter_kernel", "landmarks", dtype, pointers,
+                                   (("BLOCK_D", block_d), ("BLOCK_N", lm.SCATTER_MASK_BLOCK), ("PACKED", packed)),
+                                   4, 3, "landmarks", (("n_q", None), ("n_k", None), ("query_splits", query_splits),
+                                                       ("key_splits", key_splits)), lm.SCATTER_MAX_REGISTERS))
     return launches
 
 
@@ -244,7 +255,8 @@ def _source(launch: Launch):
             signature[name] = "constexpr"
             values[name] = constexprs[name]
         elif name.isupper():
-            dtype = "u8" if name == "MASK" else pointer_dtypes.get(name, launch.dtype)
+            dtype = "u8" if name == "MASK" else "i32" if name.startswith("CU_") else pointer_dtypes.get(
+                name, launch.dtype)
             signature[name] = f"*{dtype}"
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:

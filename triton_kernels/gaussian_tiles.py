@@ -16,6 +16,12 @@ Kernels (one body each for every dtype and stage):
 - ``gaussian_attention_bwd_keys_kernel``: dY = scale * (dS^T X - Y * colsum(dS)) and dV = kappa^T dO; a
   program per key tile streams the row tiles of its split, for every query head of its GQA group.
 
+Packed sequences (flash-attn's varlen layout, issue 14): X, or Y and V, may be (total, heads, d) rows of
+sequences given by cu_seqlens, batch row s of the other operands pairing with sequence s. That is addressing
+only (``_sequence_rows``): a program takes its sequence's first row and length from cu_seqlens, one kernel
+body for both layouts under the X_PACKED / Y_PACKED flags (compile-time, so the dense variants keep exactly
+their code); the grid covers the longest sequence and programs past their sequence's end get an empty loop.
+
 Splits: when (row tiles x heads) alone cannot fill the GPU (the key summary has only m rows), the streamed
 axis is cut into ``splits`` contiguous ranges. By default each program writes a float32 partial sum to its
 own slice of a (splits, ...) buffer and the host adds the slices in a fixed order: deterministic, no
@@ -33,6 +39,7 @@ tiles arrive as raw uint16, so ``UPCAST`` (interpreter only) widens every loaded
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -125,6 +132,18 @@ def _batch_and_heads(pid_bh, heads, group):
 
 
 @triton.jit
+def _sequence_rows(CU_SEQLENS, batch, n, PACKED: tl.constexpr):
+    """(first, length) of batch row ``batch``'s rows of an operand. Dense: (batch, n), its base is batch times
+    the batch stride. Packed (flash-attn's varlen layout, PACKED): its sequence's first packed row and length
+    from cu_seqlens; the host passes the row stride as the batch stride, so one body addresses both layouts.
+    A compile-time flag: the dense variants compile to exactly the code they had before packing existed."""
+    if PACKED:
+        first = tl.load(CU_SEQLENS + batch)
+        return first.to(tl.int64), tl.load(CU_SEQLENS + batch + 1) - first
+    return batch, n
+
+
+@triton.jit
 def _split_range(split, per_split, n):
     """[start, stop) of the streamed items that one split covers."""
     start = split * per_split
@@ -132,17 +151,30 @@ def _split_range(split, per_split, n):
 
 
 @triton.jit
-def _row_program_start(X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads,
-                       group, dim, scale_log2, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       UPCAST: tl.constexpr):
-    """What a program of the key-streaming kernels (grid: row tile, split, batch*head) starts from: batch,
-    head, row0, its X tile with half norms, and the bases of its batch's key mask and its kv head's Y, V."""
+def _row_program_start(X, Y, V, MASK, CU_X, CU_Y, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows,
+                       n_keys, heads, group, dim, scale_log2, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       UPCAST: tl.constexpr, X_PACKED: tl.constexpr, Y_PACKED: tl.constexpr):
+    """What a program of the key-streaming kernels (grid: row tile, split, batch*head) starts from: the first
+    row of its X rows (X's layout: where it writes), their count, the key count, head, row0, its X tile with
+    half norms, and the bases of its batch's key mask and its kv head's Y, V."""
     batch, head, kv_head = _batch_and_heads(tl.program_id(2), heads, group)
+    x_first, n_rows = _sequence_rows(CU_X, batch, n_rows, X_PACKED)
+    y_first, n_keys = _sequence_rows(CU_Y, batch, n_keys, Y_PACKED)
     row0 = tl.program_id(0) * BLOCK_R
-    x, x_half = _load_tile_with_half_norm(X + batch * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim,
+    x, x_half = _load_tile_with_half_norm(X + x_first * sx_b + head * sx_h, row0, n_rows, sx_r, sx_d, dim,
                                           scale_log2, BLOCK_R, BLOCK_D, UPCAST)
-    return (batch, head, row0, x, x_half, Y + batch * sy_b + kv_head * sy_h, V + batch * sv_b + kv_head * sv_h,
-            MASK + batch * sm_b)
+    return (x_first, n_rows, n_keys, head, row0, x, x_half, Y + y_first * sy_b + kv_head * sy_h,
+            V + y_first * sv_b + kv_head * sv_h, MASK + batch * sm_b)
+
+
+@triton.jit
+def _key_range(split, keys_per_split, n_keys, row0, n_rows, X_PACKED: tl.constexpr):
+    """[key_start, key_stop) of a row program's split; empty for a row tile past its sequence (packed X: the
+    grid covers the longest sequence)."""
+    key_start, key_stop = _split_range(split, keys_per_split, n_keys)
+    if X_PACKED:
+        key_stop = tl.where(row0 < n_rows, key_stop, key_start)
+    return key_start, key_stop
 
 
 @triton.jit
@@ -196,26 +228,27 @@ def _write_tile(base, values, row0, n_rows, stride_row, stride_col, n_cols, BLOC
 
 @_kernel
 def gaussian_attention_fwd_kernel(
-        X, Y, V, MASK, OUT,
+        X, Y, V, MASK, CU_X, CU_Y, OUT,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         so_s, so_b, so_h, so_r, so_d,
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
-    batch, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
-        X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads, group, dim,
-        scale_log2, BLOCK_R, BLOCK_D, UPCAST)
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr, X_PACKED: tl.constexpr,
+        Y_PACKED: tl.constexpr):
+    x_first, n_rows, n_keys, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
+        X, Y, V, MASK, CU_X, CU_Y, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, n_keys, heads,
+        group, dim, scale_log2, BLOCK_R, BLOCK_D, UPCAST, X_PACKED, Y_PACKED)
     split = tl.program_id(1)
 
     acc = tl.zeros((BLOCK_R, BLOCK_DV), dtype=tl.float32)
-    key_start, key_stop = _split_range(split, keys_per_split, n_keys)
+    key_start, key_stop = _key_range(split, keys_per_split, n_keys, row0, n_rows, X_PACKED)
     for key0 in range(key_start, key_stop, BLOCK_K):
         _, kappa, v = _masked_key_tile(x, x_half, y_base, v_base, mask_base, sm_r, key0, key_stop,
                                        n_keys, sy_r, sy_d, sv_r, sv_d, dim, dim_v, has_mask, scale_log2,
                                        BLOCK_K, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
         acc = tl.dot(kappa.to(v.dtype), v, acc, input_precision=PRECISION)
 
-    out = OUT + split.to(tl.int64) * so_s + batch * so_b + head * so_h
+    out = OUT + split.to(tl.int64) * so_s + x_first * so_b + head * so_h
     _write_tile(out, acc, row0, n_rows, so_r, so_d, dim_v, BLOCK_R, BLOCK_DV, ATOMIC)
 
 
@@ -229,22 +262,23 @@ def _grad_factor(GRAD_FACTOR, index, SCALED_GRAD: tl.constexpr):
 
 @_kernel
 def gaussian_attention_bwd_rows_kernel(
-        X, Y, V, MASK, GRAD_OUT, GRAD_FACTOR, GRAD_X,
+        X, Y, V, MASK, CU_X, CU_Y, GRAD_OUT, GRAD_FACTOR, GRAD_X,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdx_s, sdx_b, sdx_h, sdx_r, sdx_d,
         n_rows, n_keys, heads, group, keys_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr, SCALED_GRAD: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr, SCALED_GRAD: tl.constexpr,
+        X_PACKED: tl.constexpr, Y_PACKED: tl.constexpr):
     split = tl.program_id(1)
-    batch, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
-        X, Y, V, MASK, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, heads, group, dim,
-        scale_log2, BLOCK_R, BLOCK_D, UPCAST)
-    grad_out = _load_tile(GRAD_OUT + batch * sg_b + head * sg_h, row0, n_rows, sg_r, sg_d, dim_v, BLOCK_R,
+    x_first, n_rows, n_keys, head, row0, x, x_half, y_base, v_base, mask_base = _row_program_start(
+        X, Y, V, MASK, CU_X, CU_Y, sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sv_b, sv_h, sm_b, n_rows, n_keys, heads,
+        group, dim, scale_log2, BLOCK_R, BLOCK_D, UPCAST, X_PACKED, Y_PACKED)
+    grad_out = _load_tile(GRAD_OUT + x_first * sg_b + head * sg_h, row0, n_rows, sg_r, sg_d, dim_v, BLOCK_R,
                           BLOCK_DV, UPCAST)
 
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    key_start, key_stop = _split_range(split, keys_per_split, n_keys)
+    key_start, key_stop = _key_range(split, keys_per_split, n_keys, row0, n_rows, X_PACKED)
     for key0 in range(key_start, key_stop, BLOCK_K):
         y, kappa, v = _masked_key_tile(x, x_half, y_base, v_base, mask_base, sm_r, key0, key_stop,
                                        n_keys, sy_r, sy_d, sv_r, sv_d, dim, dim_v, has_mask, scale_log2,
@@ -252,34 +286,39 @@ def gaussian_attention_bwd_rows_kernel(
         d_score = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION) * kappa
         acc, row_sum = _accumulate_score_grad(acc, row_sum, d_score, y, PRECISION)
 
-    out = GRAD_X + split.to(tl.int64) * sdx_s + batch * sdx_b + head * sdx_h
+    out = GRAD_X + split.to(tl.int64) * sdx_s + x_first * sdx_b + head * sdx_h
     grad_x = _kappa_rows_grad(acc, x, row_sum, scale) * _grad_factor(GRAD_FACTOR, tl.program_id(2), SCALED_GRAD)
     _write_tile(out, grad_x, row0, n_rows, sdx_r, sdx_d, dim, BLOCK_R, BLOCK_D, ATOMIC)
 
 
 @_kernel
 def gaussian_attention_bwd_keys_kernel(
-        X, Y, V, MASK, GRAD_OUT, GRAD_FACTOR, GRAD_Y, GRAD_V,
+        X, Y, V, MASK, CU_X, CU_Y, GRAD_OUT, GRAD_FACTOR, GRAD_Y, GRAD_V,
         sx_b, sx_h, sx_r, sx_d, sy_b, sy_h, sy_r, sy_d, sv_b, sv_h, sv_r, sv_d, sm_b, sm_r,
         sg_b, sg_h, sg_r, sg_d, sdy_s, sdy_b, sdy_h, sdy_r, sdy_d, sdv_s, sdv_b, sdv_h, sdv_r, sdv_d,
         n_rows, n_keys, kv_heads, group, rows_per_split, dim, dim_v, has_mask, scale, scale_log2,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr, SCALED_GRAD: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr, SCALED_GRAD: tl.constexpr,
+        X_PACKED: tl.constexpr, Y_PACKED: tl.constexpr):
     pid_k, split, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = (pid_bh // kv_heads).to(tl.int64)
     kv_head = pid_bh % kv_heads  # int32 here: head indices are formed from it below, then widened
     key0 = pid_k * BLOCK_K
+    x_first, n_rows = _sequence_rows(CU_X, batch, n_rows, X_PACKED)
+    y_first, n_keys = _sequence_rows(CU_Y, batch, n_keys, Y_PACKED)
 
     keep = _key_keep(MASK + batch * sm_b, sm_r, key0, n_keys, has_mask, BLOCK_K)
-    y, y_half = _load_tile_with_half_norm(Y + batch * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r, sy_d, dim,
-                                          scale_log2, BLOCK_K, BLOCK_D, UPCAST)
-    v = _load_tile(V + batch * sv_b + kv_head.to(tl.int64) * sv_h, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K, BLOCK_DV,
-                   UPCAST, keep)
+    y, y_half = _load_tile_with_half_norm(Y + y_first * sy_b + kv_head.to(tl.int64) * sy_h, key0, n_keys, sy_r,
+                                          sy_d, dim, scale_log2, BLOCK_K, BLOCK_D, UPCAST)
+    v = _load_tile(V + y_first * sv_b + kv_head.to(tl.int64) * sv_h, key0, n_keys, sv_r, sv_d, dim_v, BLOCK_K,
+                   BLOCK_DV, UPCAST, keep)
 
     acc_y = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     acc_v = tl.zeros((BLOCK_K, BLOCK_DV), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
     row_start, row_stop = _split_range(split, rows_per_split, n_rows)
+    if Y_PACKED:  # a key tile past its sequence (the grid covers the longest): no work
+        row_stop = tl.where(key0 < n_keys, row_stop, row_start)
     # Scaled output gradients (the key summary's dZ / f_h, one power of two per head): the group's members
     # are brought to their largest factor, exactly, so that one accumulator serves them all.
     group_factor = _grad_factor(GRAD_FACTOR, pid_bh * group, SCALED_GRAD)
@@ -288,8 +327,8 @@ def gaussian_attention_bwd_keys_kernel(
             group_factor = tl.maximum(group_factor, tl.load(GRAD_FACTOR + pid_bh * group + member))
     for member in range(0, group):
         head = (kv_head * group + member).to(tl.int64)
-        x_base = X + batch * sx_b + head * sx_h
-        g_base = GRAD_OUT + batch * sg_b + head * sg_h
+        x_base = X + x_first * sx_b + head * sx_h
+        g_base = GRAD_OUT + x_first * sg_b + head * sg_h
         member_scale = _grad_factor(GRAD_FACTOR, pid_bh * group + member, SCALED_GRAD) / group_factor
         for row0 in range(row_start, row_stop, BLOCK_R):
             x, x_half = _load_tile_with_half_norm(x_base, row0, row_stop, sx_r, sx_d, dim, scale_log2, BLOCK_R,
@@ -307,9 +346,9 @@ def gaussian_attention_bwd_keys_kernel(
     kv_head = kv_head.to(tl.int64)
     # Padded keys get a zero gradient (their kappa is 0), whatever garbage their rows hold (0 * NaN is NaN).
     grad_y = tl.where(keep[:, None], _kappa_rows_grad(acc_y, y, col_sum, scale), 0.0) * group_factor
-    _write_tile(GRAD_Y + split_offset * sdy_s + batch * sdy_b + kv_head * sdy_h, grad_y, key0, n_keys, sdy_r,
+    _write_tile(GRAD_Y + split_offset * sdy_s + y_first * sdy_b + kv_head * sdy_h, grad_y, key0, n_keys, sdy_r,
                 sdy_d, dim, BLOCK_K, BLOCK_D, ATOMIC)
-    _write_tile(GRAD_V + split_offset * sdv_s + batch * sdv_b + kv_head * sdv_h, acc_v * group_factor, key0,
+    _write_tile(GRAD_V + split_offset * sdv_s + y_first * sdv_b + kv_head * sdv_h, acc_v * group_factor, key0,
                 n_keys, sdv_r, sdv_d, dim_v, BLOCK_K, BLOCK_DV, ATOMIC)
 
 
@@ -427,7 +466,7 @@ def _tuner(kernel, role: str, block_d: int, elem_bytes: int, stream_length: int,
                                  num_stages=c["num_stages"]) for c in block_candidates(role, block_d, elem_bytes)]
         # Tensor dtypes join the key by themselves (the stages' pointer dtypes); SCALED_GRAD picks a variant.
         _TUNERS[key] = triton.autotune(
-            configs, key=["SCALED_GRAD"], reset_to_zero=list(atomic_outputs),
+            configs, key=["SCALED_GRAD", "X_PACKED", "Y_PACKED"], reset_to_zero=list(atomic_outputs),
             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
         )(kernel)
     return _TUNERS[key]
@@ -461,6 +500,30 @@ def _mask_args(key_mask: torch.Tensor | None, device):
     return mask, mask.stride(0), mask.stride(1), 1
 
 
+class Sequences(NamedTuple):
+    """The packed rows of a (total, heads, d) operand (flash-attn's varlen layout): sequence s holds rows
+    cu_seqlens[s]:cu_seqlens[s + 1] (int32, on the device), none longer than max_seqlen."""
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def _operand(t: torch.Tensor, seqs: Sequences | None):
+    """(batch, heads, rows, dim, strides (batch, head, row, col), cu_seqlens pointer) of a dense (b, h, n, d)
+    operand or a packed (total, h, d) one: a packed operand's batch is its sequence, its rows are planned as
+    the longest sequence's, and its batch stride is its row stride (the kernels offset by the sequence's first
+    row, see _sequence_rows); a dense operand gets an unread int32 placeholder (an allocation, no launch)."""
+    if seqs is None:
+        return (*t.shape, t.stride(), torch.empty(1, dtype=torch.int32, device=t.device))
+    row, head, col = t.stride()
+    return (seqs.cu_seqlens.shape[0] - 1, t.shape[1], seqs.max_seqlen, t.shape[2], (row, head, row, col),
+            seqs.cu_seqlens)
+
+
+def _packing(x_seqs: Sequences | None, y_seqs: Sequences | None) -> dict:
+    """The kernels' X_PACKED / Y_PACKED flags."""
+    return dict(X_PACKED=x_seqs is not None, Y_PACKED=y_seqs is not None)
+
+
 def _buffer(splits: int, shape, dtype, device, split_capable: bool, atomic: bool) -> torch.Tensor:
     """Where programs write: the result itself when the launch cannot split; float32 (splits, *shape) slices
     when it may; with atomic one zero-filled float32 (1, *shape) that every split adds into."""
@@ -471,8 +534,12 @@ def _buffer(splits: int, shape, dtype, device, split_capable: bool, atomic: bool
 
 def _strides(buffer: torch.Tensor) -> tuple[int, ...]:
     """Strides of a (splits, ...) buffer as the kernels take them: the split stride is 0 when all programs
-    write the one slice (a single split, or the atomic buffer)."""
-    return (buffer.stride(0) if buffer.shape[0] > 1 else 0, *buffer.stride()[1:])
+    write the one slice (a single split, or the atomic buffer); a packed (splits, total, heads, d) buffer's
+    batch stride is its row stride."""
+    split, *rest = buffer.stride()
+    if len(rest) == 3:
+        rest = (rest[0], rest[1], rest[0], rest[2])
+    return (split if buffer.shape[0] > 1 else 0, *rest)
 
 
 def reduce_splits(partials: torch.Tensor, dtype) -> torch.Tensor:
@@ -483,37 +550,43 @@ def reduce_splits(partials: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def gaussian_attention_fwd(x, y, v, key_mask, scale: float, out_dtype, split_keys: bool = False,
-                           deterministic: bool = True) -> torch.Tensor:
+                           deterministic: bool = True, x_seqs: Sequences | None = None,
+                           y_seqs: Sequences | None = None) -> torch.Tensor:
     """kappa(x, y) @ v: x (b, H, r, p), y (b, Hk, n, p), v (b, Hk, n, pv) in x's dtype, key_mask (b, n) bool
-    or None.
+    or None. x_seqs / y_seqs: x, or y and v, are packed instead ((total, H, p) and (total, Hk, p / pv), no key
+    mask), batch row s of the other operands pairing with sequence s.
 
-    Returns the (splits, b, H, r, pv) buffer the programs wrote: with split_keys the key axis may be cut into
-    ranges whose float32 partial sums the consumer adds (``reduce_splits``, or on load in the next kernel);
-    deterministic=False lets a launch that does split add them atomically into one slice instead. Without
-    split_keys it is one slice in out_dtype.
+    Returns the (splits, b, H, r, pv) buffer the programs wrote ((splits, total_x, H, pv) for a packed x): with
+    split_keys the key axis may be cut into ranges whose float32 partial sums the consumer adds
+    (``reduce_splits``, or on load in the next kernel); deterministic=False lets a launch that does split add
+    them atomically into one slice instead. Without split_keys it is one slice in out_dtype.
     """
-    batch, heads, n_rows, dim = x.shape
-    kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
+    batch, heads, n_rows, dim, x_strides, cu_x = _operand(x, x_seqs)
+    _, kv_heads, n_keys, _, y_strides, cu_y = _operand(y, y_seqs)
+    dim_v = v.shape[-1]
     block_d = head_block(dim, dim_v)
     row_block, key_block = plan_blocks("fwd", block_d, x.element_size())
     splits, keys_per_split = split_plan(n_keys, key_block, triton.cdiv(n_rows, row_block) * batch * heads,
                                         split_keys)
     atomic = not deterministic and splits > 1
-    out = _buffer(splits, (batch, heads, n_rows, dim_v), out_dtype, x.device, split_keys, atomic)
+    out_shape = (*x.shape[:-1], dim_v)
+    out = _buffer(splits, out_shape, out_dtype, x.device, split_keys, atomic)
     if n_rows:
         mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
         _launch(gaussian_attention_fwd_kernel, "fwd", block_d, x.element_size(),
                 lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), splits, batch * heads),
-                (x, y, v, mask, out, *x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *_strides(out),
-                 n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale * LOG2_E),
-                keys_per_split, ("OUT",) if atomic else (), BLOCK_D=block_d, BLOCK_DV=block_d,
-                UPCAST=_upcast(x, y, v), ATOMIC=atomic)
+                (x, y, v, mask, cu_x, cu_y, out, *x_strides, *y_strides, *_operand(v, y_seqs)[4], sm_b, sm_r,
+                 *_strides(out), n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask,
+                 scale * LOG2_E), keys_per_split, ("OUT",) if atomic else (), BLOCK_D=block_d, BLOCK_DV=block_d,
+                UPCAST=_upcast(x, y, v), ATOMIC=atomic, **_packing(x_seqs, y_seqs))
     return out
 
 
 def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys: bool = False,
-                           split_rows: bool = True, deterministic: bool = True, grad_factor=None):
-    """The (splits, ...) buffers of (dx, dy, dv) of gaussian_attention_fwd, as it returns its output.
+                           split_rows: bool = True, deterministic: bool = True, grad_factor=None,
+                           x_seqs: Sequences | None = None, y_seqs: Sequences | None = None):
+    """The (splits, ...) buffers of (dx, dy, dv) of gaussian_attention_fwd, as it returns its output (each in
+    its operand's layout).
 
     dx streams keys, split like the forward when split_keys (float32 partials), else one slice in x's dtype.
     dy and dv stream rows: with split_rows (rows as long as the sequence) they may split and come as float32
@@ -522,16 +595,19 @@ def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys
     gradient divided by these powers of two (the key summary's dZ, which can exceed fp16's range); the
     kernels multiply them back (exact).
     """
-    batch, heads, n_rows, dim = x.shape
-    kv_heads, n_keys, dim_v = y.shape[1], y.shape[2], v.shape[3]
+    batch, heads, n_rows, dim, x_strides, cu_x = _operand(x, x_seqs)
+    _, kv_heads, n_keys, _, y_strides, cu_y = _operand(y, y_seqs)
+    dim_v = v.shape[-1]
     if grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum(): a unit inner stride, as compiled
         grad_out = grad_out.contiguous()
     scaled_grad = grad_factor is not None
     grad_factor = grad_factor if scaled_grad else grad_out  # an unread placeholder pointer
     block_d = head_block(dim, dim_v)
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, x.device)
-    common = (*x.stride(), *y.stride(), *v.stride(), sm_b, sm_r, *grad_out.stride())
+    common = (x, y, v, mask, cu_x, cu_y, grad_out, grad_factor)
+    common_strides = (*x_strides, *y_strides, *_operand(v, y_seqs)[4], sm_b, sm_r, *_operand(grad_out, x_seqs)[4])
     upcast = _upcast(x, y, v, grad_out)
+    packing = _packing(x_seqs, y_seqs)
 
     row_block, key_block = plan_blocks("rows", block_d, x.element_size())
     splits, keys_per_split = split_plan(n_keys, key_block, triton.cdiv(n_rows, row_block) * batch * heads,
@@ -541,10 +617,10 @@ def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys
     if n_rows:
         _launch(gaussian_attention_bwd_rows_kernel, "rows", block_d, x.element_size(),
                 lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), splits, batch * heads),
-                (x, y, v, mask, grad_out, grad_factor, grad_x, *common, *_strides(grad_x),
-                 n_rows, n_keys, heads, heads // kv_heads, keys_per_split, dim, dim_v, has_mask, scale,
-                 scale * LOG2_E), keys_per_split, ("GRAD_X",) if atomic else (), BLOCK_D=block_d,
-                BLOCK_DV=block_d, UPCAST=upcast, ATOMIC=atomic, SCALED_GRAD=scaled_grad)
+                (*common, grad_x, *common_strides, *_strides(grad_x), n_rows, n_keys, heads, heads // kv_heads,
+                 keys_per_split, dim, dim_v, has_mask, scale, scale * LOG2_E), keys_per_split,
+                ("GRAD_X",) if atomic else (), BLOCK_D=block_d, BLOCK_DV=block_d, UPCAST=upcast, ATOMIC=atomic,
+                SCALED_GRAD=scaled_grad, **packing)
 
     key_block, row_block = plan_blocks("keys", block_d, x.element_size())
     splits, rows_per_split = split_plan(n_rows, row_block, triton.cdiv(n_keys, key_block) * batch * kv_heads,
@@ -552,10 +628,12 @@ def gaussian_attention_bwd(grad_out, x, y, v, key_mask, scale: float, split_keys
     atomic = not deterministic and splits > 1
     grad_y = _buffer(splits, y.shape, y.dtype, y.device, split_rows, atomic)
     grad_v = _buffer(splits, v.shape, v.dtype, v.device, split_rows, atomic)
-    _launch(gaussian_attention_bwd_keys_kernel, "keys", block_d, x.element_size(),
-            lambda meta: (triton.cdiv(n_keys, meta["BLOCK_K"]), splits, batch * kv_heads),
-            (x, y, v, mask, grad_out, grad_factor, grad_y, grad_v, *common, *_strides(grad_y), *_strides(grad_v),
-             n_rows, n_keys, kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
-             scale * LOG2_E), rows_per_split * (heads // kv_heads), ("GRAD_Y", "GRAD_V") if atomic else (),
-            BLOCK_D=block_d, BLOCK_DV=block_d, UPCAST=upcast, ATOMIC=atomic, SCALED_GRAD=scaled_grad)
+    if n_keys:
+        _launch(gaussian_attention_bwd_keys_kernel, "keys", block_d, x.element_size(),
+                lambda meta: (triton.cdiv(n_keys, meta["BLOCK_K"]), splits, batch * kv_heads),
+                (*common, grad_y, grad_v, *common_strides, *_strides(grad_y), *_strides(grad_v), n_rows, n_keys,
+                 kv_heads, heads // kv_heads, rows_per_split, dim, dim_v, has_mask, scale,
+                 scale * LOG2_E), rows_per_split * (heads // kv_heads), ("GRAD_Y", "GRAD_V") if atomic else (),
+                BLOCK_D=block_d, BLOCK_DV=block_d, UPCAST=upcast, ATOMIC=atomic, SCALED_GRAD=scaled_grad,
+                **packing)
     return grad_x, grad_y, grad_v

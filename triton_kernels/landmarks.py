@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gaussian_tiles import _kernel, _mask_args
+from .gaussian_tiles import Sequences, _kernel, _mask_args, _operand, _sequence_rows
 
 # Where landmark indices come from (the SOURCE constexpr): constexpr globals, so compiled kernels may read them.
 SOURCE_GIVEN, SOURCE_DRAWS, SOURCE_STRIDED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -93,13 +93,16 @@ def _landmark_rows(DRAWS, INDICES_IN, mask_base, stride_mask, n_q, n_k, m, m_que
 
 
 @_kernel
-def landmark_rows_kernel(Q, K, MASK, DRAWS, INDICES_IN, INDICES_OUT, L,
+def landmark_rows_kernel(Q, K, MASK, CU_Q, CU_K, DRAWS, INDICES_IN, INDICES_OUT, L,
                          sq_b, sq_h, sq_r, sq_d, sk_b, sk_h, sk_r, sk_d, sm_b, sm_r, sdraw_b, sidx_b, sout_b,
-                         sl_b, sl_h, sl_r, sl_d, n_q, n_k, heads, group, m, m_queries, dim, has_mask,
+                         sl_b, sl_h, sl_r, sl_d, n_q, n_k, heads, group, m, dim, has_mask,
                          SOURCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PACKED: tl.constexpr):
     pid_b, head = tl.program_id(0), tl.program_id(1)
     batch = pid_b.to(tl.int64)
+    q_first, n_q = _sequence_rows(CU_Q, batch, n_q, PACKED)
+    k_first, n_k = _sequence_rows(CU_K, batch, n_k, PACKED)
+    m_queries = tl.where(n_q > 0, m // 2, 0)  # a batch row (sequence) without queries draws every landmark from keys
     valid_keys = _valid_key_count(MASK + batch * sm_b, sm_r, n_k, has_mask, BLOCK_N)
     indices = _landmark_rows(DRAWS + batch * sdraw_b, INDICES_IN + batch * sidx_b, MASK + batch * sm_b, sm_r,
                              n_q, n_k, m, m_queries, has_mask, valid_keys, SOURCE, BLOCK_M, BLOCK_N)
@@ -112,8 +115,8 @@ def landmark_rows_kernel(Q, K, MASK, DRAWS, INDICES_IN, INDICES_OUT, L,
     gathered = in_range & (valid_keys > 0)
     from_q = gathered & (indices < n_q)
     from_k = gathered & (indices >= n_q)
-    q_rows = Q + batch * sq_b + head.to(tl.int64) * sq_h + tl.where(from_q, indices, 0)[:, None] * sq_r
-    k_rows = (K + batch * sk_b + (head // group).to(tl.int64) * sk_h
+    q_rows = Q + q_first * sq_b + head.to(tl.int64) * sq_h + tl.where(from_q, indices, 0)[:, None] * sq_r
+    k_rows = (K + k_first * sk_b + (head // group).to(tl.int64) * sk_h
               + tl.where(from_k, indices - n_q, 0)[:, None] * sk_r)
     l_rows = L + batch * sl_b + head.to(tl.int64) * sl_h + slots[:, None].to(tl.int64) * sl_r
     for col0 in range(0, dim, BLOCK_D):
@@ -137,15 +140,18 @@ def passes_on(count_base, sc_t, slot, first_step, steps):
 
 
 @_kernel
-def landmark_grad_scatter_kernel(INDICES, MASK, GRAD_QA, GRAD_KS, GRAD_SOLVE, GRAD_Q, GRAD_K, COUNTS, GRAD_TOTAL,
+def landmark_grad_scatter_kernel(INDICES, MASK, CU_Q, CU_K, GRAD_QA, GRAD_KS, GRAD_SOLVE, GRAD_Q, GRAD_K, COUNTS,
+                                 GRAD_TOTAL,
                                  sidx_b, sm_b, sm_r, sqa_s, sqa_b, sqa_h, sqa_r, sqa_d, sks_s, sks_b, sks_h, sks_r,
                                  sks_d, sgs_b, sgs_h, sgs_r, sgs_d, sdq_b, sdq_h, sdq_r, sdq_d, sdk_b, sdk_h, sdk_r,
                                  sdk_d, sc_t, sc_b, sc_h, st_b, st_h, st_r, n_q, n_k, m, kv_heads, group,
                                  query_splits, key_splits, dim, has_mask, refine_steps,
-                                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr):
     pid_bk = tl.program_id(0)
     batch = (pid_bk // kv_heads).to(tl.int64)
     kv_head = (pid_bk % kv_heads).to(tl.int64)
+    q_first, n_q = _sequence_rows(CU_Q, batch, n_q, PACKED)
+    k_first, n_k = _sequence_rows(CU_K, batch, n_k, PACKED)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < dim
     # A batch row with no valid key had zero landmark rows, taken from no row: nothing to scatter (with
@@ -169,25 +175,27 @@ def landmark_grad_scatter_kernel(INDICES, MASK, GRAD_QA, GRAD_KS, GRAD_SOLVE, GR
                 grad = tl.where(passes_on(COUNTS + batch * sc_b + head * sc_h, sc_t, slot, 0, refine_steps), grad,
                                 0.0)
             if has_keys & (row < n_q):
-                target = GRAD_Q + batch * sdq_b + head * sdq_h + row * sdq_r + cols * sdq_d
+                target = GRAD_Q + q_first * sdq_b + head * sdq_h + row * sdq_r + cols * sdq_d
                 total = tl.load(target, mask=inside, other=0.0).to(tl.float32) + grad
                 tl.store(target, total.to(GRAD_Q.dtype.element_ty), mask=inside)
             else:
                 key_grad += grad
         if has_keys & (row >= n_q):
-            target = GRAD_K + batch * sdk_b + kv_head * sdk_h + (row - n_q) * sdk_r + cols * sdk_d
+            target = GRAD_K + k_first * sdk_b + kv_head * sdk_h + (row - n_q) * sdk_r + cols * sdk_d
             total = tl.load(target, mask=inside, other=0.0).to(tl.float32) + key_grad
             tl.store(target, total.to(GRAD_K.dtype.element_ty), mask=inside)
 
 
 # ---- host wrappers ------------------------------------------------------------------------------------
 
-def forward(q, k, key_mask, m: int, indices=None, draws=None):
+def forward(q, k, key_mask, m: int, indices=None, draws=None, seqs: tuple[Sequences, Sequences] | None = None):
     """(L (b, H, m, p) in q's dtype, indices (b, m) int64): from given ``indices``, from ``draws`` (b, m)
     uniform in [0, 1) (float64, the layout of ``skyformer_ext.landmarks.landmark_draws``), or, with neither,
-    the strided grid."""
-    batch, heads, n_q, dim = q.shape
-    n_k = k.shape[2]
+    the strided grid. seqs: packed q and k (query and key Sequences, no key mask): batch row s is sequence s,
+    its indices rows of its own [q_s; k_s] (skyformer_ext.varlen.sample_packed_landmarks' rule)."""
+    query_seqs, key_seqs = seqs if seqs is not None else (None, None)
+    batch, heads, n_q, dim, q_strides, cu_q = _operand(q, query_seqs)
+    _, kv_heads, n_k, _, k_strides, cu_k = _operand(k, key_seqs)
     source = (SOURCE_GIVEN if indices is not None else SOURCE_DRAWS if draws is not None else SOURCE_STRIDED).value
     landmarks = q.new_empty(batch, heads, m, dim)
     out_indices = torch.empty(batch, m, dtype=torch.int64, device=q.device)
@@ -197,24 +205,26 @@ def forward(q, k, key_mask, m: int, indices=None, draws=None):
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, q.device)
     block_m = max(16, triton.next_power_of_2(m))
     landmark_rows_kernel[(batch, heads)](
-        q, k, mask, draws, indices_in, out_indices, landmarks, *q.stride(), *k.stride(), sm_b, sm_r,
+        q, k, mask, cu_q, cu_k, draws, indices_in, out_indices, landmarks, *q_strides, *k_strides, sm_b, sm_r,
         draws.stride(0), indices_in.stride(0), out_indices.stride(0), *landmarks.stride(),
-        n_q, n_k, heads, heads // k.shape[1], m, m // 2 if n_q > 0 else 0, dim, has_mask,
-        SOURCE=source, BLOCK_M=block_m, **rows_config(block_m))
+        n_q, n_k, heads, heads // kv_heads, m, dim, has_mask,
+        SOURCE=source, BLOCK_M=block_m, PACKED=seqs is not None, **rows_config(block_m))
     return landmarks, out_indices
 
 
 def backward_into(grad_q, grad_k, indices, key_mask, grad_from_queries, grad_from_keys, grad_from_solve,
-                  refine_counts=None):
+                  refine_counts=None, seqs: tuple[Sequences, Sequences] | None = None):
     """Adds dL = sum of the query apply's split partials + the key summary's split partials + the solve's
     Gram term into grad_q / grad_k at the landmark rows, in place (one launch); batch rows with no valid key
-    (zero landmark rows) get nothing.
+    (zero landmark rows) get nothing. seqs: packed grad_q and grad_k, as in forward.
 
     With refinement (``refine_counts``: the (steps, b, H, m) counts of landmark_refine.forward) a seed gets dL
     only where its landmark never moved, and the total dL is returned, (b, H, m, p) float32, for
     landmark_refine.backward_into; else None."""
     batch, heads, m, dim = grad_from_solve.shape
-    kv_heads = grad_k.shape[1]
+    query_seqs, key_seqs = seqs if seqs is not None else (None, None)
+    _, _, n_q, _, dq_strides, cu_q = _operand(grad_q, query_seqs)
+    _, kv_heads, n_k, _, dk_strides, cu_k = _operand(grad_k, key_seqs)
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, grad_k.device)
     steps = 0 if refine_counts is None else refine_counts.shape[0]
     grad_total = (torch.empty(batch, heads, m, dim, dtype=torch.float32, device=grad_q.device) if steps
@@ -222,11 +232,11 @@ def backward_into(grad_q, grad_k, indices, key_mask, grad_from_queries, grad_fro
     counts = refine_counts if steps else grad_from_solve  # unread float32 placeholders without refinement
     total = grad_total if steps else grad_from_solve
     landmark_grad_scatter_kernel[(batch * kv_heads,)](
-        indices, mask, grad_from_queries, grad_from_keys, grad_from_solve, grad_q, grad_k, counts, total,
-        indices.stride(0), sm_b, sm_r, *grad_from_queries.stride(), *grad_from_keys.stride(),
-        *grad_from_solve.stride(), *grad_q.stride(), *grad_k.stride(),
-        *(refine_counts.stride()[:3] if steps else (0, 0, 0)), *total.stride()[:3], grad_q.shape[2],
-        grad_k.shape[2], m, kv_heads, heads // kv_heads, grad_from_queries.shape[0], grad_from_keys.shape[0], dim,
-        has_mask, steps, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=SCATTER_MASK_BLOCK, num_warps=4,
-        maxnreg=SCATTER_MAX_REGISTERS)
+        indices, mask, cu_q, cu_k, grad_from_queries, grad_from_keys, grad_from_solve, grad_q, grad_k, counts,
+        total, indices.stride(0), sm_b, sm_r, *grad_from_queries.stride(), *grad_from_keys.stride(),
+        *grad_from_solve.stride(), *dq_strides, *dk_strides,
+        *(refine_counts.stride()[:3] if steps else (0, 0, 0)), *total.stride()[:3], n_q, n_k, m, kv_heads,
+        heads // kv_heads, grad_from_queries.shape[0], grad_from_keys.shape[0], dim, has_mask, steps,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=SCATTER_MASK_BLOCK, PACKED=seqs is not None,
+        num_warps=4, maxnreg=SCATTER_MAX_REGISTERS)
     return grad_total
