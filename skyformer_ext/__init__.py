@@ -6,10 +6,12 @@ Public API:
     skyformer_attention_varlen(...), kernelized_attention_varlen(...)  packed sequences (cu_seqlens)
     sample_landmarks(...)               landmark row indices into [q; k]
     reference                           plain, readable PyTorch versions (float64-capable)
+    parallel.context_parallel_attention(...)  the sequence sharded over torch.distributed ranks
 """
 
 from . import reference
 from . import nn
+from . import parallel
 from .api import kernelized_attention, kernelized_attention_varlen, skyformer_attention, skyformer_attention_varlen
 from .landmarks import sample_landmarks
 from ._extension import build_info

@@ -51,6 +51,11 @@ class SkyformerAttention(nn.Module):
         backend: backend of the Skyformer/Kernelized kernels (``"auto"`` picks the fastest present one).
         deterministic: ``False`` lets the Triton kernels add split partial sums with atomics (bit-level
             run-to-run differences, less memory); no effect on the other backends or on softmax.
+        context_parallel_group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD``)
+            over which the sequence is sharded: each rank passes its contiguous shard of ``x`` (and of
+            ``context`` and ``key_padding_mask``) and gets its shard of the output, with Skyformer's
+            communication (:func:`skyformer_ext.parallel.context_parallel_attention`). Skyformer only; the
+            weights stay replicated (DDP/FSDP as usual).
 
     Mask convention: ``key_padding_mask`` follows :class:`torch.nn.MultiheadAttention`: a bool tensor of
     shape (batch, n_keys) where **True marks a padded key that is ignored**. (The functional API's
@@ -68,8 +73,8 @@ class SkyformerAttention(nn.Module):
                  batch_first: bool = True, head_dim: int | None = None, context_dim: int | None = None,
                  landmarks: str = "random", eval_landmarks: str = "strided", ridge: float = 0.1,
                  inverse: str = "newton_schulz", ns_iters: int = 6, scale: float | None = None,
-                 backend: str = "auto", deterministic: bool = True, landmark_refine: int = 0, device=None,
-                 dtype=None):
+                 backend: str = "auto", deterministic: bool = True, landmark_refine: int = 0,
+                 context_parallel_group=None, device=None, dtype=None):
         super().__init__()
         _checks.check_positive_int("embed_dim", embed_dim, 1)
         _checks.check_positive_int("num_heads", num_heads, 1)
@@ -103,6 +108,7 @@ class SkyformerAttention(nn.Module):
         self.scale = None if scale is None else float(scale)
         self.backend = backend
         self.deterministic = deterministic
+        self.context_parallel_group = context_parallel_group
 
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
@@ -169,6 +175,9 @@ class SkyformerAttention(nn.Module):
             generator: optional torch.Generator for reproducible landmark sampling (eager mode).
         """
         if cu_seqlens is not None or cu_seqlens_k is not None:
+            if self.context_parallel_group is not None:
+                raise ValueError("context_parallel_group takes sequence shards in the (batch, seq, feature) "
+                                 "layout, not packed input (cu_seqlens)")
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask does not apply to packed input (cu_seqlens): packed sequences "
                                  "hold no padding")
@@ -239,6 +248,17 @@ class SkyformerAttention(nn.Module):
         return self.out_proj(out.flatten(1))
 
     def _attend(self, q, k, v, key_keep, landmark_indices, generator) -> torch.Tensor:
+        if self.context_parallel_group is not None:
+            if self.attention != "skyformer" or self.landmark_refine:
+                raise ValueError(f"context_parallel_group needs attention='skyformer' without landmark_refine "
+                                 f"(exact kernelized and softmax attention need every key on every rank), got "
+                                 f"attention={self.attention!r}, landmark_refine={self.landmark_refine}")
+            from .parallel import context_parallel_attention
+            return context_parallel_attention(
+                q, k, v, group=self.context_parallel_group, attn_mask=key_keep, num_landmarks=self.num_landmarks,
+                landmarks=self.landmarks if self.training else self.eval_landmarks,
+                landmark_indices=landmark_indices, generator=generator, ridge=self.ridge, inverse=self.inverse,
+                ns_iters=self.ns_iters, scale=self.scale, backend=self.backend, deterministic=self.deterministic)
         if self.attention == "skyformer":
             strategy = self.landmarks if self.training else self.eval_landmarks
             return skyformer_attention(q, k, v, num_landmarks=self.num_landmarks, attn_mask=key_keep,

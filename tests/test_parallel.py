@@ -1,0 +1,170 @@
+"""Context-parallel Skyformer (issue 15): P = 2 and 4 spawned gloo processes, each holding a contiguous shard
+of the sequence, equal the single-process call on the whole sequence with the same landmarks (float64:
+outputs and q/k/v gradients, to rounding); the collectives and the bytes each rank sends per forward +
+backward do not depend on n.
+
+One spawn per world size runs every case; the parent compares each rank's shard with the single-process
+result.
+"""
+
+import socket
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import skyformer_ext as sx
+from bench.context_parallel import CollectiveCounter
+
+M = 6
+TIMEOUT_S = 240
+
+
+@dataclass
+class Case:
+    """A global problem and how it is sharded: q_sizes / k_sizes are the rows of each rank, in rank order."""
+    q_sizes: list
+    k_sizes: list
+    heads: int = 4
+    kv_heads: int = 2
+    p: int = 5
+    p_v: int = 3
+    batch: int = 2
+    valid_keys: list | None = None  # per batch row: keys 0..valid - 1 take part (None: no mask)
+    landmarks: str = "given"  # "given" (drawn once, global), "random" (rank 0's generator), "strided"
+    given_rows: tuple | None = None  # (low, high): given landmarks drawn from global rows [low, high) of [Q; K]
+    options: dict = field(default_factory=dict)
+
+
+def _cases(world: int) -> dict:
+    if world == 2:
+        return {
+            "even": Case([20, 20], [20, 20]),
+            "uneven-masked-random": Case([29, 11], [29, 11], valid_keys=[35, 18], landmarks="random"),
+            "cross-strided": Case([9, 21], [14, 3], landmarks="strided", options=dict(inverse="cholesky")),
+        }
+    return {
+        # Padding confined to the last ranks, the last shard fully padded, rank 0 without rows; batch row 1 has
+        # no valid key at all (zeros).
+        "uneven-padded": Case([0, 17, 12, 6], [0, 17, 12, 6], valid_keys=[29, 0], landmarks="random"),
+        # Every landmark among rank 2's rows (global rows 17..28 of [Q; K]).
+        "landmarks-on-one-rank": Case([5, 12, 12, 3], [5, 12, 12, 3], given_rows=(17, 29)),
+        "cross-gqa": Case([3, 0, 10, 4], [6, 6, 0, 9], heads=6, kv_heads=2, landmarks="random"),
+        "nondeterministic": Case([8, 8, 8, 8], [8, 8, 8, 8], options=dict(deterministic=False)),
+    }
+
+
+def _global(case: Case):
+    gen = torch.Generator().manual_seed(11)
+    n_q, n_k = sum(case.q_sizes), sum(case.k_sizes)
+    q = torch.randn(case.batch, case.heads, n_q, case.p, generator=gen, dtype=torch.float64)
+    k = torch.randn(case.batch, case.kv_heads, n_k, case.p, generator=gen, dtype=torch.float64)
+    v = torch.randn(case.batch, case.kv_heads, n_k, case.p_v, generator=gen, dtype=torch.float64)
+    grad = torch.randn(case.batch, case.heads, n_q, case.p_v, generator=gen, dtype=torch.float64)
+    mask = None
+    if case.valid_keys is not None:
+        mask = torch.arange(n_k)[None, :] < torch.tensor(case.valid_keys)[:, None]
+    kwargs = dict(num_landmarks=M, **case.options)
+    if case.landmarks == "given":
+        low, high = case.given_rows or (0, n_q + n_k)
+        kwargs["landmark_indices"] = torch.randint(low, high, (case.batch, M), generator=gen)
+    else:
+        kwargs["landmarks"] = case.landmarks
+    return q, k, v, grad, mask, kwargs
+
+
+def _shard(t, sizes, rank, dim=2):
+    start = sum(sizes[:rank])
+    return t.narrow(dim, start, sizes[rank])
+
+
+def _run_case(case: Case, rank: int):
+    q, k, v, grad, mask, kwargs = _global(case)
+    local = [_shard(t, sizes, rank).clone().requires_grad_()
+             for t, sizes in ((q, case.q_sizes), (k, case.k_sizes), (v, case.k_sizes))]
+    if case.landmarks == "random":
+        kwargs["generator"] = torch.Generator().manual_seed(5 + rank)  # only rank 0's is used
+    local_mask = None if mask is None else _shard(mask, case.k_sizes, rank, dim=1)
+    out = sx.parallel.context_parallel_attention(*local, attn_mask=local_mask, **kwargs)
+    out.backward(_shard(grad, case.q_sizes, rank))
+    return [out.detach(), *(t.grad for t in local)]
+
+
+def _traffic(rank: int, world: int, n: int) -> tuple[int, int]:
+    """(collectives, bytes sent) of one forward + backward with n global tokens, split evenly."""
+    sizes = [n // world] * world
+    case = Case(sizes, sizes, valid_keys=[n - 3, n // 2], landmarks="random")
+    with CollectiveCounter() as counter:
+        _run_case(case, rank)
+    return counter.calls, counter.bytes
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {name: _run_case(case, rank) for name, case in _cases(world).items()}
+        results["rerun"] = _run_case(_cases(world)[next(iter(_cases(world)))], rank)
+        if world == 2:
+            results["traffic"] = {n: _traffic(rank, world, n) for n in (256, 4096)}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, tmp_path):
+    context = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
+                                 start_method="spawn")
+    while not context.join(timeout=TIMEOUT_S):
+        pass
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+
+
+def _single_process(case: Case):
+    q, k, v, grad, mask, kwargs = _global(case)
+    if case.landmarks == "random":
+        kwargs["generator"] = torch.Generator().manual_seed(5)  # rank 0's generator
+    kwargs.pop("deterministic", None)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = sx.skyformer_attention(q, k, v, attn_mask=mask, backend="reference", **kwargs)
+    out.backward(grad)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_calls_equal_the_single_process_call(world, tmp_path):
+    results = _spawn(world, tmp_path)
+    for name, case in _cases(world).items():
+        expected = _single_process(case)
+        for rank in range(world):
+            sizes = (case.q_sizes, case.q_sizes, case.k_sizes, case.k_sizes)
+            for what, got, full, shard_sizes in zip(("out", "dq", "dk", "dv"), results[rank][name], expected, sizes):
+                torch.testing.assert_close(got, _shard(full, shard_sizes, rank), rtol=1e-9, atol=1e-11,
+                                           msg=f"{name} rank {rank} {what}")
+    first = next(iter(_cases(world)))
+    for rank in range(world):  # deterministic=True: a rerun is bit-identical
+        assert all(torch.equal(a, b) for a, b in zip(results[rank]["rerun"], results[rank][first]))
+    if world == 2:
+        for rank in range(world):
+            traffic = results[rank]["traffic"]
+            assert traffic[256] == traffic[4096], traffic  # collectives and bytes sent do not grow with n
+            calls, sent = traffic[256]
+            # sizes/counts, draws, L, Z forward; dZ, dL backward
+            assert calls == 6, traffic
+            case = Case([1], [1])
+            numbers = 2 * case.batch * case.heads * M * (case.p + case.p_v)
+            assert sent == 8 * (numbers + 2 * (case.batch + 1) + case.batch * M), traffic
+
+
+def test_refuses_without_a_process_group_and_bad_shards():
+    q = torch.randn(1, 2, 4, 3)
+    with pytest.raises(ValueError, match="torch.distributed"):
+        sx.parallel.context_parallel_attention(q, q, q)
