@@ -125,7 +125,8 @@ def test_torch_backend_matches_reference_float64(case, steps):
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-@pytest.mark.parametrize("steps", [1, 2])
+# Two steps: the same code path per step, a minute of gradcheck on two cores: the slow profile.
+@pytest.mark.parametrize("steps", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_gradcheck_float64(backend, steps):
     q, k, v, mask, indices = _case("self-masked")
     mask = mask.clone()
