@@ -20,8 +20,9 @@ $(INSTALL_STAMP): $(DEPS_STAMP) $(PACKAGE_SOURCES)
 
 install: $(INSTALL_STAMP)
 
+# One worker per core (pytest-xdist); a test file stays on one worker, so its module fixtures run once.
 test: $(INSTALL_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 test-slow: $(INSTALL_STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -84,20 +84,24 @@ def settings(quick: bool) -> dict:
 
 # ---- inputs ----------------------------------------------------------------------------------------------
 
+def topic_prose(text: str) -> str:
+    """The prose paragraphs of one pydoc_data topic, one line each, blank-line separated."""
+    paragraphs = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.split("\n") if line.strip()]
+        if not lines or any(line.startswith((" ", "\t")) for line in lines):
+            continue  # code examples, grammar productions, tables: indented in the topic text
+        if len(lines) == 2 and set(lines[1].strip()) <= set("*=-~^"):
+            continue  # a section heading and its underline
+        paragraphs.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(paragraphs)
+
+
 def reference_text() -> str:
     """English prose of the Python Language Reference that ships with every CPython (pydoc_data.topics)."""
     from pydoc_data.topics import topics
 
-    paragraphs = []
-    for name in sorted(topics):
-        for block in topics[name].split("\n\n"):
-            lines = [line for line in block.split("\n") if line.strip()]
-            if not lines or any(line.startswith((" ", "\t")) for line in lines):
-                continue  # code examples, grammar productions, tables: indented in the topic text
-            if len(lines) == 2 and set(lines[1].strip()) <= set("*=-~^"):
-                continue  # a section heading and its underline
-            paragraphs.append(" ".join(line.strip() for line in lines))
-    return "\n\n".join(paragraphs)
+    return "\n\n".join(prose for prose in (topic_prose(topics[name]) for name in sorted(topics)) if prose)
 
 
 def minilm_model_dir() -> Path:
