@@ -28,6 +28,12 @@ the draws), whatever n is; ring attention moves every key and value to every ran
 kv_heads * (p + p_v) per direction and rank. deterministic=True sums by all-gather then a fixed rank-order add
 (bit-identical reruns); deterministic=False uses all_reduce. Only c10d collectives on the given group: gloo on
 CPU, NCCL on CUDA.
+
+Backends: "torch" composes the tiled PyTorch stages with autograd (the sums are autograd nodes); "triton"
+("auto" on CUDA tensors the kernels cover) runs the fused stage kernels of triton_kernels (landmark rows
+gathered in the input dtype, key summary, landmark solve, query apply, and their backward chain with the
+landmark-gradient scatter kernel) as one autograd node with the same four sums inside; Z, dZ and dL cross the
+ranks in float32, as the single-device op keeps them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 
 from . import _checks, solve
 from ._amp import autocast_inputs, without_autocast
+from .api import _resolve_backend
 from .landmarks import landmark_draws
 
 
@@ -136,15 +143,14 @@ def _owned_slots(comm, landmark_indices, draws, strategy, num_landmarks, n_q, n_
     return rows, owned, has_keys
 
 
-def _slot_rows(q, k, rows, owned, has_keys):
-    """(batch, heads, m, p): this rank's rows of [q_r; k_r] in the slots it owns, zeros elsewhere (and for
-    batch rows with no valid key: zero landmarks, as on one device). Differentiable: the gradient of a slot
-    flows into the owner's row."""
+def _slot_rows(q, k, rows, filled):
+    """(batch, heads, m, p): this rank's rows of [q_r; k_r] in the slots it fills (filled (batch, m): the slots
+    it owns, in batch rows with a valid key), zeros elsewhere (batch rows with no valid key: zero landmarks, as
+    on one device). Differentiable: the gradient of a slot flows into the owner's row."""
     batch, heads, n_q, p = q.shape
     kv_heads, n_k, m = k.shape[1], k.shape[2], rows.shape[1]
-    keep = (owned & has_keys[:, None])[:, None, :, None]
-    # Connected to q and k even when this rank owns no slot: every rank must take part in the backward's sum.
-    slots = q.new_zeros(batch, heads, m, p) + 0 * (q.sum() + k.sum())
+    keep = filled[:, None, :, None]
+    slots = q.new_zeros(batch, heads, m, p)
     if n_q:
         from_q = q.gather(2, rows.clamp(max=n_q - 1)[:, None, :, None].expand(batch, heads, m, p))
         slots = torch.where(keep & (rows < n_q)[:, None, :, None], from_q, slots)
@@ -205,6 +211,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             the same on every rank.
         generator: drives the random landmarks on rank 0 of the group, whose draws are broadcast (the other
             ranks' generators are not used).
+        backend: "auto" (the Triton kernels for CUDA tensors they cover, else the tiled PyTorch stages),
+            "torch" or "triton"; every rank must pick the same.
         Every other option as in :func:`skyformer_ext.skyformer_attention`.
 
     Returns:
@@ -220,9 +228,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _check_inputs(q, k, v, attn_mask, landmark_indices)
     _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
                                     backend)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"context_parallel_attention runs the tiled PyTorch stages on every rank: backend must "
-                         f"be 'auto' or 'torch', got {backend!r}")
+    if backend == "reference":
+        raise ValueError("context_parallel_attention runs the stages of the 'torch' or 'triton' backend on every "
+                         "rank: backend must be 'auto', 'torch' or 'triton', got 'reference'")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     comm = _Communicator(group, deterministic)
@@ -262,16 +270,28 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q, k, v = autocast_inputs(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     with without_autocast(device):
-        return _skyformer_sharded(q, k, v, attn_mask, rows, owned, has_keys, comm, ridge, inverse, ns_iters, scale)
+        if _resolve_backend(backend, q, v, m) == "triton":
+            from . import triton_backend
+
+            triton_backend.check_inputs(q, v)
+            if m > triton_backend.MAX_LANDMARKS:
+                raise ValueError(f"backend='triton' supports up to {triton_backend.MAX_LANDMARKS} landmarks, got "
+                                 f"num_landmarks={m}; use backend='torch'")
+            return _ShardedTritonSkyformer.apply(q, k, v, attn_mask, rows, owned & has_keys[:, None], comm,
+                                                 (scale, ridge, inverse, ns_iters, deterministic))
+        return _skyformer_sharded(q, k, v, attn_mask, rows, owned & has_keys[:, None], comm, ridge, inverse,
+                                  ns_iters, scale)
 
 
-def _skyformer_sharded(q, k, v, attn_mask, rows, owned, has_keys, comm, ridge, inverse, ns_iters, scale):
+def _skyformer_sharded(q, k, v, attn_mask, rows, filled, comm, ridge, inverse, ns_iters, scale):
     """The torch backend's stages (torch_backend.skyformer_attention) with the two global sums in between."""
     from .torch_backend import _LandmarkGram, gaussian_attention
 
     cdtype = _checks.compute_dtype(q.dtype)
     # 3. L: the owners' slots, summed over the ranks.
-    landmarks = _SumOverRanks.apply(_slot_rows(q, k, rows, owned, has_keys).to(cdtype), comm)
+    # Connected to q and k even when this rank fills no slot: every rank must take part in the backward's sum.
+    slots = _slot_rows(q, k, rows, filled) + 0 * (q.sum() + k.sum())
+    landmarks = _SumOverRanks.apply(slots.to(cdtype), comm)
     gram = _LandmarkGram.apply(landmarks, scale)
     # 4. Z: the local key summary (a rank without keys contributes zeros), summed over the ranks.
     if k.shape[2]:
@@ -284,3 +304,87 @@ def _skyformer_sharded(q, k, v, attn_mask, rows, owned, has_keys, comm, ridge, i
     if q.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * values.sum().to(q.dtype)
     return gaussian_attention(q, landmarks, values, None, scale, out_dtype=q.dtype)
+
+
+def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
+    """(b, H) float32 powers of two f >= max|t| per (b, H) matrix (1 where t is 0): t / f fits float16."""
+    mantissa, exponent = torch.frexp(t.abs().amax(dim=(-2, -1)))
+    return torch.where(mantissa > 0, torch.ldexp(torch.ones_like(mantissa), exponent), torch.ones_like(mantissa))
+
+
+class _ShardedTritonSkyformer(torch.autograd.Function):
+    """backend="triton" on every rank: the stage kernels of triton_kernels with the sums over the ranks between
+    them, one autograd node (its backward runs the kernels' backward chain and the two backward sums). Z, dZ
+    and dL cross the ranks in float32, as the single-device op keeps them; the landmark rows in the input
+    dtype (each slot has one owner: the sum is exact)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, rows, filled, comm, options):
+        from triton_kernels import key_summary, landmark_solve, query_apply
+        from triton_kernels.gaussian_tiles import reduce_splits
+
+        scale, ridge, inverse, ns_iters, deterministic = options
+        batch, heads, n_q, _ = q.shape
+        m, dim_v = rows.shape[1], v.shape[-1]
+        with torch.no_grad():
+            landmarks = comm.sum(_slot_rows(q, k, rows, filled))
+            if k.shape[2]:
+                local_summary = reduce_splits(key_summary.forward(k, v, landmarks, key_mask, scale, deterministic),
+                                              torch.float32)
+            else:
+                local_summary = landmarks.new_zeros(batch, heads, m, dim_v, dtype=torch.float32)
+            summary_total = comm.sum(local_summary)[None]  # one "split" of the solve's partial sums
+            if inverse == "cholesky":
+                values, summary, _ = landmark_solve.cholesky_forward(landmarks, summary_total, scale, ridge, q.dtype)
+            else:
+                values, summary = landmark_solve.solve_forward(landmarks, summary_total, scale, ridge, ns_iters,
+                                                               q.dtype)
+            out = (query_apply.forward(q, landmarks, values, scale) if n_q
+                   else q.new_zeros(batch, heads, 0, dim_v))
+        ctx.save_for_backward(q, k, v, key_mask, rows, filled, landmarks, summary, values)
+        ctx.comm, ctx.options = comm, options
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from triton_kernels import key_summary, landmark_solve, query_apply
+        from triton_kernels import landmarks as landmark_stage
+        from triton_kernels.gaussian_tiles import reduce_splits
+
+        q, k, v, key_mask, rows, filled, landmarks, summary, values = ctx.saved_tensors
+        comm = ctx.comm
+        scale, ridge, inverse, ns_iters, deterministic = ctx.options
+        f32 = dict(dtype=torch.float32)
+        if q.shape[2]:
+            grad_q, grad_landmarks_queries, grad_values = query_apply.backward(grad_out.contiguous(), q, landmarks,
+                                                                               values, scale, deterministic)
+            grad_landmarks = reduce_splits(grad_landmarks_queries, torch.float32)
+        else:
+            grad_q, grad_landmarks = torch.zeros_like(q), landmarks.new_zeros(landmarks.shape, **f32)
+            grad_values = values.new_zeros(1, *values.shape, **f32)
+        # This rank's dY gives partial dZ and Gram dL (the solve is linear in dY); float32 dZ for the sum.
+        if inverse == "cholesky":
+            grad_summary_scaled, grad_factor, grad_landmarks_solve = landmark_solve.cholesky_backward(
+                grad_values, landmarks, summary, scale, ridge, torch.float32)
+        else:
+            grad_summary_scaled, grad_factor, grad_landmarks_solve = landmark_solve.solve_backward(
+                grad_values, landmarks, summary, scale, ridge, ns_iters, torch.float32)
+        grad_summary = comm.sum(grad_summary_scaled * grad_factor[..., None, None])
+        grad_landmarks += grad_landmarks_solve
+        if k.shape[2]:
+            grad_factor = _power_of_two_scale(grad_summary)
+            grad_k, grad_v, grad_landmarks_keys = key_summary.backward(
+                (grad_summary / grad_factor[..., None, None]).to(k.dtype), grad_factor, k, v, landmarks, key_mask,
+                scale, deterministic)
+            grad_landmarks += reduce_splits(grad_landmarks_keys, torch.float32)
+        else:
+            grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        grad_landmarks = comm.sum(grad_landmarks) * filled[:, None, :, None]
+        if q.shape[2] or k.shape[2]:
+            # Each owner adds the total dL of its slots into its q / k rows (one launch, duplicates in slot
+            # order); unfilled slots add zeros. A rank without keys lends the kernel a one-row dummy dk.
+            grad_k_rows = grad_k if k.shape[2] else k.new_zeros(*k.shape[:2], 1, k.shape[3])
+            no_partials = grad_landmarks[None][:0]  # (0 splits, b, H, m, p): dL arrives whole
+            landmark_stage.backward_into(grad_q, grad_k_rows, rows.contiguous(), None, no_partials, no_partials,
+                                         grad_landmarks)
+        return grad_q, grad_k, grad_v, None, None, None, None, None

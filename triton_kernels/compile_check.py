@@ -194,8 +194,8 @@ def _refine_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
 
 def _solve_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
     """The landmark solve's kernels (Newton-Schulz and Cholesky) for one input dtype over the head-dim and
-    landmark-count buckets. Landmarks, Y and the scaled dZ are in the input dtype; partials, Z, f, dL and the
-    workspace float32, the Cholesky status int32."""
+    landmark-count buckets. Landmarks, Y and the scaled dZ are in the input dtype (dZ also float32: context
+    parallel); partials, Z, f, dL and the workspace float32, the Cholesky status int32."""
     import torch
 
     from . import gaussian_tiles as gt
@@ -205,21 +205,25 @@ def _solve_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
     forward = (("WS", f32), ("Y", dtype), ("Z", f32), ("Z_PARTIALS", f32))
     backward = (("GRAD_FACTOR", f32), ("GRAD_L", f32), ("GRAD_PARTIALS", f32), ("GRAD_Z", dtype), ("WS", f32),
                 ("Z", f32))
-    kernels = {  # kernel -> (its config function, pointer dtypes)
-        "newton_schulz_fwd_kernel": (ls.solve_config, forward),
-        "newton_schulz_bwd_kernel": (ls.solve_config, backward),
-        "cholesky_fwd_kernel": (ls.cholesky_config, forward + (("STATUS", "i32"),)),
-        "cholesky_bwd_kernel": (ls.cholesky_config, backward),
-    }
+    # Context-parallel calls take the scaled dZ in float32 (summed over the ranks before it is rounded).
+    backward_float32 = tuple((name, f32 if name == "GRAD_Z" else kind) for name, kind in backward)
+    kernels = [  # (kernel, its config function, pointer dtypes)
+        ("newton_schulz_fwd_kernel", ls.solve_config, forward),
+        ("newton_schulz_bwd_kernel", ls.solve_config, backward),
+        ("newton_schulz_bwd_kernel", ls.solve_config, backward_float32),
+        ("cholesky_fwd_kernel", ls.cholesky_config, forward + (("STATUS", "i32"),)),
+        ("cholesky_bwd_kernel", ls.cholesky_config, backward),
+        ("cholesky_bwd_kernel", ls.cholesky_config, backward_float32),
+    ]
     launches = {}
     for block_d in head_dims or gt.HEAD_DIMS:
         for m_pad in m_pads or ls.M_PADS:
-            for kernel, (config, kernel_pointers) in kernels.items():  # m buckets with one config compile once
+            for kernel, config, kernel_pointers in kernels:  # m buckets with one config compile once
                 cfg = config(m_pad, block_d, getattr(torch, TORCH_DTYPES[dtype]))
                 consts = (("BLOCK", cfg["BLOCK"]), ("GRAM_BLOCK", cfg["GRAM_BLOCK"]), ("BLOCK_D", cfg["BLOCK_D"]),
                           ("UPCAST", False), ("PRECISION", cfg["PRECISION"]),
                           ("GRAM_PRECISION", cfg["GRAM_PRECISION"]))
-                launches[(kernel, consts, cfg["num_warps"], cfg["num_stages"])] = Launch(
+                launches[(kernel, kernel_pointers, consts, cfg["num_warps"], cfg["num_stages"])] = Launch(
                     kernel, "solve", dtype, kernel_pointers, consts, cfg["num_warps"], cfg["num_stages"],
                     "landmark_solve", maxnreg=cfg["maxnreg"])
     return list(launches.values())
