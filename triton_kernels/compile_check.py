@@ -122,7 +122,8 @@ def _stage_launches(dtype: str, head_dims=None) -> list[Launch]:
                     if key in launches:  # float32 inputs: the stages' pointer dtypes coincide
                         stages = launches[key].stage + "," + stages
                     launches[key] = Launch(kernels[role], stages, dtype, key[1], consts, cfg["num_warps"],
-                                           cfg["num_stages"])
+                                           cfg["num_stages"],
+                                           maxnreg=gt.register_cap(DTYPES[dtype], block_d, x_packed, y_packed))
     return list(launches.values())
 
 

@@ -426,6 +426,18 @@ def split_plan(n_stream: int, block_stream: int, programs: int, allow_split: boo
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_stream
 
 
+# ptxas's own register target spilled 9 packed float32 variants at head dims 16 and 32 (8-24 registers) that
+# a 255 cap compiles spill-free; the same cap spills at 128 and 256, where ptxas's choice does not. Dense and
+# 2-byte variants keep ptxas's choice (compile_check).
+PACKED_FLOAT32_MAX_REGISTERS, PACKED_FLOAT32_CAPPED_HEAD_DIM = 255, 32
+
+
+def register_cap(elem_bytes: int, block_d: int, x_packed: bool, y_packed: bool) -> int | None:
+    """The maxnreg launch option of a generic kernel's variant (None: ptxas decides)."""
+    capped = elem_bytes == 4 and block_d <= PACKED_FLOAT32_CAPPED_HEAD_DIM and (x_packed or y_packed)
+    return PACKED_FLOAT32_MAX_REGISTERS if capped else None
+
+
 _BLOCKS = {"fwd": ("BLOCK_R", "BLOCK_K"), "rows": ("BLOCK_R", "BLOCK_K"), "keys": ("BLOCK_K", "BLOCK_R")}
 _TUNED_META = ("BLOCK_R", "BLOCK_K", "PRECISION")  # what a candidate sets besides warps and stages
 
@@ -452,18 +464,20 @@ def _length_bucket(stream_length: int) -> int:
 _TUNERS: dict = {}  # (kernel, role, elem bytes, head-dim bucket, length bucket, atomic outputs) -> Autotuner
 
 
-def _tuner(kernel, role: str, block_d: int, elem_bytes: int, stream_length: int, atomic_outputs: tuple):
+def _tuner(kernel, role: str, block_d: int, elem_bytes: int, stream_length: int, atomic_outputs: tuple,
+           maxnreg: int | None):
     """The autotuner of one kernel role over its candidates. It benchmarks once per key (first call: device
     syncs, extra launches); later calls only look the pick up on the host, so CUDA-graph capture works after
     one warm-up call per shape bucket. The atomic variants add into zero-filled buffers: the tuner zeroes
     them before every benchmark run and before the real launch. Other launches store every output element
     and read no output, so benchmark runs leave nothing behind."""
-    key = (kernel, role, elem_bytes, block_d, _length_bucket(stream_length), atomic_outputs)
+    key = (kernel, role, elem_bytes, block_d, _length_bucket(stream_length), atomic_outputs, maxnreg)
     if key not in _TUNERS:
         import triton.testing
 
         configs = [triton.Config({name: c[name] for name in _TUNED_META}, num_warps=c["num_warps"],
-                                 num_stages=c["num_stages"]) for c in block_candidates(role, block_d, elem_bytes)]
+                                 num_stages=c["num_stages"], maxnreg=maxnreg)
+                   for c in block_candidates(role, block_d, elem_bytes)]
         # Tensor dtypes join the key by themselves (the stages' pointer dtypes); SCALED_GRAD picks a variant.
         _TUNERS[key] = triton.autotune(
             configs, key=["SCALED_GRAD", "X_PACKED", "Y_PACKED"], reset_to_zero=list(atomic_outputs),
@@ -477,12 +491,13 @@ def _launch(kernel, role: str, block_d: int, elem_bytes: int, grid, args: tuple,
     """Launch a generic kernel with grid(META) (META: the chosen candidate's blocks): under the interpreter,
     or with a single candidate, the default configuration, with no autotuner; on a GPU the tuner's pick."""
     candidates = block_candidates(role, block_d, elem_bytes)
+    maxnreg = register_cap(elem_bytes, block_d, meta.get("X_PACKED", False), meta.get("Y_PACKED", False))
     if INTERPRETER or len(candidates) == 1:
         cfg = candidates[0]
         kernel[grid(cfg)](*args, **meta, **{name: cfg[name] for name in _TUNED_META}, num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"])
+                          num_stages=cfg["num_stages"], **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
-        _tuner(kernel, role, block_d, elem_bytes, stream_length, atomic_outputs)[grid](*args, **meta)
+        _tuner(kernel, role, block_d, elem_bytes, stream_length, atomic_outputs, maxnreg)[grid](*args, **meta)
 
 
 # ---- host wrappers ------------------------------------------------------------------------------------
