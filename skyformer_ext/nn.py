@@ -249,16 +249,16 @@ class SkyformerAttention(nn.Module):
 
     def _attend(self, q, k, v, key_keep, landmark_indices, generator) -> torch.Tensor:
         if self.context_parallel_group is not None:
-            if self.attention != "skyformer" or self.landmark_refine:
-                raise ValueError(f"context_parallel_group needs attention='skyformer' without landmark_refine "
-                                 f"(exact kernelized and softmax attention need every key on every rank), got "
-                                 f"attention={self.attention!r}, landmark_refine={self.landmark_refine}")
+            if self.attention != "skyformer":
+                raise ValueError(f"context_parallel_group needs attention='skyformer' (exact kernelized and softmax "
+                                 f"attention need every key on every rank), got attention={self.attention!r}")
             from .parallel import context_parallel_attention
             return context_parallel_attention(
                 q, k, v, group=self.context_parallel_group, attn_mask=key_keep, num_landmarks=self.num_landmarks,
                 landmarks=self.landmarks if self.training else self.eval_landmarks,
                 landmark_indices=landmark_indices, generator=generator, ridge=self.ridge, inverse=self.inverse,
-                ns_iters=self.ns_iters, scale=self.scale, backend=self.backend, deterministic=self.deterministic)
+                ns_iters=self.ns_iters, scale=self.scale, backend=self.backend, deterministic=self.deterministic,
+                landmark_refine=self.landmark_refine)
         if self.attention == "skyformer":
             strategy = self.landmarks if self.training else self.eval_landmarks
             return skyformer_attention(q, k, v, num_landmarks=self.num_landmarks, attn_mask=key_keep,

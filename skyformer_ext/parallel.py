@@ -197,7 +197,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                landmarks: str = "random", landmark_indices: torch.Tensor | None = None,
                                generator: torch.Generator | None = None, ridge: float = 0.1,
                                inverse: str = "newton_schulz", ns_iters: int = 6, scale: float | None = None,
-                               backend: str = "auto", deterministic: bool = True) -> torch.Tensor:
+                               backend: str = "auto", deterministic: bool = True,
+                               landmark_refine: int = 0) -> torch.Tensor:
     """Skyformer attention on a sequence sharded over the ranks of ``group`` (default: the world group).
 
     Args:
@@ -213,6 +214,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             ranks' generators are not used).
         backend: "auto" (the Triton kernels for CUDA tensors they cover, else the tiled PyTorch stages),
             "torch" or "triton"; every rank must pick the same.
+        landmark_refine: Lloyd steps on the landmarks (see :func:`skyformer_ext.skyformer_attention`), over the
+            whole sequence: each rank assigns its own rows, and the per-landmark sums and counts are summed over
+            the ranks (one collective of m * (p + 1) numbers per head and step; one of m * p in the backward).
+            Runs on the torch stages ("auto" picks them; "triton" refuses).
         Every other option as in :func:`skyformer_ext.skyformer_attention`.
 
     Returns:
@@ -227,7 +232,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                          "(torch.distributed.init_process_group)")
     _check_inputs(q, k, v, attn_mask, landmark_indices)
     _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
-                                    backend)
+                                    backend, landmark_refine)
+    if landmark_refine and backend == "triton":
+        raise ValueError("context_parallel_attention refines landmarks (landmark_refine > 0) on the torch stages "
+                         "only: use backend='auto' or 'torch'")
     if backend == "reference":
         raise ValueError("context_parallel_attention runs the stages of the 'torch' or 'triton' backend on every "
                          "rank: backend must be 'auto', 'torch' or 'triton', got 'reference'")
@@ -270,7 +278,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q, k, v = autocast_inputs(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     with without_autocast(device):
-        if _resolve_backend(backend, q, v, m) == "triton":
+        if _resolve_backend("torch" if landmark_refine else backend, q, v, m) == "triton":
             from . import triton_backend
 
             triton_backend.check_inputs(q, v)
@@ -280,10 +288,12 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             return _ShardedTritonSkyformer.apply(q, k, v, attn_mask, rows, owned & has_keys[:, None], comm,
                                                  (scale, ridge, inverse, ns_iters, deterministic))
         return _skyformer_sharded(q, k, v, attn_mask, rows, owned & has_keys[:, None], comm, ridge, inverse,
-                                  ns_iters, scale)
+                                  ns_iters, scale, landmark_refine,
+                                  (query_valid & has_keys[:, None], key_valid & has_keys[:, None]))
 
 
-def _skyformer_sharded(q, k, v, attn_mask, rows, filled, comm, ridge, inverse, ns_iters, scale):
+def _skyformer_sharded(q, k, v, attn_mask, rows, filled, comm, ridge, inverse, ns_iters, scale, refine_steps,
+                       point_validity):
     """The torch backend's stages (torch_backend.skyformer_attention) with the two global sums in between."""
     from .torch_backend import _LandmarkGram, gaussian_attention
 
@@ -292,6 +302,8 @@ def _skyformer_sharded(q, k, v, attn_mask, rows, filled, comm, ridge, inverse, n
     # Connected to q and k even when this rank fills no slot: every rank must take part in the backward's sum.
     slots = _slot_rows(q, k, rows, filled) + 0 * (q.sum() + k.sum())
     landmarks = _SumOverRanks.apply(slots.to(cdtype), comm)
+    for _ in range(refine_steps):
+        landmarks = _ShardedLloydStep.apply(q, k, landmarks, *point_validity, comm)
     gram = _LandmarkGram.apply(landmarks, scale)
     # 4. Z: the local key summary (a rank without keys contributes zeros), summed over the ranks.
     if k.shape[2]:
@@ -304,6 +316,33 @@ def _skyformer_sharded(q, k, v, attn_mask, rows, filled, comm, ridge, inverse, n
     if q.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * values.sum().to(q.dtype)
     return gaussian_attention(q, landmarks, values, None, scale, out_dtype=q.dtype)
+
+
+class _ShardedLloydStep(torch.autograd.Function):
+    """One Lloyd step over the whole sequence: this rank's rows assigned to the (replicated) landmarks, the
+    per-landmark sums and counts summed over the ranks in one collective, the means replicated. Backward: the
+    rows' shares dL_j / count_j need the total dL of the new landmarks (one sum over the ranks); what passes on
+    to a landmark that got no row stays this rank's partial, summed once where the seeds were gathered."""
+
+    @staticmethod
+    def forward(ctx, q, k, landmarks, query_valid, key_valid, comm):
+        from .torch_backend import cluster_sums, moved_landmarks
+
+        sums, counts, assignment = cluster_sums(q, k, landmarks, query_valid, key_valid)
+        totals = comm.sum(torch.cat([sums, counts[..., None]], dim=-1))
+        new, counts = moved_landmarks(totals[..., :-1], totals[..., -1], landmarks)
+        ctx.save_for_backward(counts, assignment, q, k)
+        ctx.comm = comm
+        return new
+
+    @staticmethod
+    def backward(ctx, grad_new):
+        from .torch_backend import cluster_row_grads, cluster_shares
+
+        counts, assignment, q, k = ctx.saved_tensors
+        share, _ = cluster_shares(ctx.comm.sum(grad_new), counts)
+        _, passed_on = cluster_shares(grad_new, counts)
+        return *cluster_row_grads(share, assignment, q, k), passed_on, None, None, None
 
 
 def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:

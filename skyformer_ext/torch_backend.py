@@ -278,20 +278,21 @@ def assign_and_add(x: Tensor, keep: Optional[Tensor], grouped: Tensor, half_norm
 
 
 def moved_landmarks(sums: Tensor, counts: Tensor, landmarks: Tensor) -> tuple[Tensor, Tensor]:
-    """(new landmarks, counts) from sums (..., m + 1, p) and counts (..., m + 1): the mean of each landmark's
-    rows, the old position where it got none."""
+    """(new landmarks, counts) from sums (..., m [+ 1], p) and counts (..., m [+ 1]) (a slot m of dropped rows
+    is ignored): the mean of each landmark's rows, the old position where it got none."""
     m = landmarks.shape[-2]
     sums, counts = sums[..., :m, :], counts[..., :m].contiguous()
     new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], landmarks)
     return new.contiguous(), counts
 
 
-@torch.library.custom_op("skyformer_ext::lloyd_step_tiled", mutates_args=())
-def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[Tensor]
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """(new landmarks, counts (b, H, m), assignment (b, H, n_q + n_k) int32, -1 where a row takes no part):
-    assign_and_add over tiles of the query rows, then of the key rows. The distance tile (and on CUDA the
-    one-hot tile) are the only (rows x m) buffers, TILE_ELEMENTS at most."""
+def cluster_sums(q: Tensor, k: Tensor, landmarks: Tensor, query_valid: Optional[Tensor],
+                 key_valid: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The assignment half of a Lloyd step over these rows: (sums (b, H, m, p), counts (b, H, m) of the rows
+    nearest each landmark, assignment (b, H, n_q + n_k) int32, -1 where a row takes no part). query_valid /
+    key_valid: (batch, n) bool rows that take part, None for all. assign_and_add over tiles of the query rows,
+    then of the key rows: the distance tile (and on CUDA the one-hot tile) are the only (rows x m) buffers,
+    TILE_ELEMENTS at most."""
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group, m = heads // kv_heads, landmarks.shape[2]
@@ -301,19 +302,28 @@ def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[T
     sums = torch.zeros(batch * kv_heads, group, m + 1, dim, dtype=cdtype, device=device)
     counts = torch.zeros(batch * kv_heads, group, m + 1, dtype=cdtype, device=device)
     assignment = torch.empty(batch * kv_heads, group, n_q + n_k, dtype=torch.int32, device=device)
-    query_valid, key_valid = (v.repeat_interleave(kv_heads, dim=0)
-                              for v in _point_validity(key_mask, batch, n_q, n_k, device))
     tile = max(TILE_ELEMENTS // max(batch * heads * m, 1), 16)
     parts = ((q.reshape(batch * kv_heads, group, n_q, dim), query_valid, 0),
              (k.reshape(batch * kv_heads, 1, n_k, dim), key_valid, n_q))
     for rows, valid, offset in parts:
+        valid = None if valid is None else valid.repeat_interleave(kv_heads, dim=0)
         for r0 in range(0, rows.shape[2], tile):
-            keep = valid[:, None, r0:r0 + tile] if key_mask is not None else None
+            keep = None if valid is None else valid[:, None, r0:r0 + tile]
             nearest = assign_and_add(rows[:, :, r0:r0 + tile].to(cdtype), keep, grouped, half_norm, sums, counts)
             assignment[:, :, offset + r0:offset + r0 + nearest.shape[2]] = nearest.masked_fill(nearest == m, -1)
-    new, counts = moved_landmarks(sums, counts, grouped)
-    return (new.reshape(batch, heads, m, dim), counts.reshape(batch, heads, m),
+    return (sums[:, :, :m].reshape(batch, heads, m, dim), counts[:, :, :m].reshape(batch, heads, m),
             assignment.reshape(batch, heads, n_q + n_k))
+
+
+@torch.library.custom_op("skyformer_ext::lloyd_step_tiled", mutates_args=())
+def _lloyd_step_op(q: Tensor, k: Tensor, landmarks: Tensor, key_mask: Optional[Tensor]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(new landmarks, counts (b, H, m), assignment (b, H, n_q + n_k) int32, -1 where a row takes no part)."""
+    validity = (None, None) if key_mask is None else _point_validity(key_mask, q.shape[0], q.shape[2], k.shape[2],
+                                                                     q.device)
+    sums, counts, assignment = cluster_sums(q, k, landmarks, *validity)
+    new, counts = moved_landmarks(sums, counts, landmarks)
+    return new, counts, assignment
 
 
 @_lloyd_step_op.register_fake
@@ -335,9 +345,15 @@ def _lloyd_step_backward_op(grad_new: Tensor, counts: Tensor, assignment: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, d seeds): a row gets dL_j / count_j of its landmark j; landmarks that kept no row pass dL_j
     to their previous position. Gathers of (rows x p): no (rows x m) buffer."""
+    share, passed_on = cluster_shares(grad_new, counts)
+    return *cluster_row_grads(share, assignment, q, k), passed_on
+
+
+def cluster_row_grads(share: Tensor, assignment: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """(dq, dk): every row that took part gets the share (b, H, m, p) of its landmark (key rows summed over
+    their GQA group). Gathers of (rows x p): no (rows x m) buffer."""
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    share, passed_on = cluster_shares(grad_new, counts)
 
     def gathered(rows: Tensor) -> Tensor:  # (b, H, r) landmark ids, -1 = none -> (b, H, r, p)
         picked = share.gather(2, rows.clamp_min(0).long()[..., None].expand(-1, -1, -1, dim))
@@ -345,7 +361,7 @@ def _lloyd_step_backward_op(grad_new: Tensor, counts: Tensor, assignment: Tensor
 
     grad_q = gathered(assignment[:, :, :n_q])
     grad_k = gathered(assignment[:, :, n_q:]).reshape(batch, kv_heads, heads // kv_heads, n_k, dim).sum(2)
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), passed_on
+    return grad_q.to(q.dtype), grad_k.to(k.dtype)
 
 
 @_lloyd_step_backward_op.register_fake

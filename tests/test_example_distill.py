@@ -23,3 +23,20 @@ def test_quick_distillation_writes_results_and_improves_cosine(tmp_path):
         before, after = q["before"]["cosine_mean"], q["after"]["cosine_mean"]
         assert math.isfinite(before) and math.isfinite(after), length
         assert after > before, (length, before, after)
+
+
+@pytest.mark.slow
+def test_refined_quick_run_and_the_comparison_table(tmp_path):
+    """--landmark-refine reaches the student's attention; compare puts runs side by side (issue 18's table)."""
+    from examples.distill_encoder import compare, distill
+
+    paper, refined = tmp_path / "paper", tmp_path / "refined"
+    distill.main(["--quick", "--out", str(paper), "--no-plot"])
+    results = distill.main(["--quick", "--out", str(refined), "--no-plot", "--num-landmarks", "32",
+                            "--landmark-refine", "1"])
+    assert results["settings"]["landmark_refine"] == 1
+    assert results["settings"]["skyformer_options"]["landmark_refine"] == 1
+    text = compare.main([str(paper), str(refined), "--out", str(tmp_path / "table.md")])
+    rows = [line for line in text.splitlines() if line.startswith("| m = ")]
+    assert [row.split(" | ")[0] for row in rows] == ["| m = 64, paper (no refine)", "| m = 32, refine 1"]
+    assert (tmp_path / "table.md").read_text() == text

@@ -48,6 +48,9 @@ def _cases(world: int) -> dict:
             "even": Case([20, 20], [20, 20]),
             "uneven-masked-random": Case([29, 11], [29, 11], valid_keys=[35, 18], landmarks="random"),
             "cross-strided": Case([9, 21], [14, 3], landmarks="strided", options=dict(inverse="cholesky")),
+            # Two Lloyd steps over the whole sequence (the masked query rows of self-attention take no part).
+            "refine-masked-random": Case([29, 11], [29, 11], valid_keys=[35, 18], landmarks="random",
+                                         options=dict(landmark_refine=2)),
         }
     return {
         # Padding confined to the last ranks, the last shard fully padded, rank 0 without rows; batch row 1 has
@@ -57,6 +60,11 @@ def _cases(world: int) -> dict:
         "landmarks-on-one-rank": Case([5, 12, 12, 3], [5, 12, 12, 3], given_rows=(17, 29)),
         "cross-gqa": Case([3, 0, 10, 4], [6, 6, 0, 9], heads=6, kv_heads=2, landmarks="random"),
         "nondeterministic": Case([8, 8, 8, 8], [8, 8, 8, 8], options=dict(deterministic=False)),
+        # Refinement with a rank without rows, a fully padded shard and a batch row without keys; cross GQA.
+        "refine-uneven-padded": Case([0, 17, 12, 6], [0, 17, 12, 6], valid_keys=[29, 0], landmarks="random",
+                                     options=dict(landmark_refine=1)),
+        "refine-cross-gqa": Case([3, 0, 10, 4], [6, 6, 0, 9], heads=6, kv_heads=2, given_rows=(0, 17),
+                                 options=dict(landmark_refine=2)),
     }
 
 
@@ -102,10 +110,10 @@ def _run_case(case: Case, rank: int):
     return [out.detach(), *(t.grad for t in local)]
 
 
-def _traffic(rank: int, world: int, n: int) -> tuple[int, int]:
+def _traffic(rank: int, world: int, n: int, refine: int = 0) -> tuple[int, int]:
     """(collectives, bytes sent) of one forward + backward with n global tokens, split evenly."""
     sizes = [n // world] * world
-    case = Case(sizes, sizes, valid_keys=[n - 3, n // 2], landmarks="random")
+    case = Case(sizes, sizes, valid_keys=[n - 3, n // 2], landmarks="random", options=dict(landmark_refine=refine))
     with CollectiveCounter() as counter:
         _run_case(case, rank)
     return counter.calls, counter.bytes
@@ -119,6 +127,7 @@ def _worker(rank, world, port, out_dir):
         results["rerun"] = _run_case(_cases(world)[next(iter(_cases(world)))], rank)
         if world == 2:
             results["traffic"] = {n: _traffic(rank, world, n) for n in (256, 4096)}
+            results["refine traffic"] = {n: _traffic(rank, world, n, refine=2) for n in (256, 4096)}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -176,6 +185,11 @@ def test_sharded_calls_equal_the_single_process_call(world, tmp_path):
             case = Case([1], [1])
             numbers = 2 * case.batch * case.heads * M * (case.p + case.p_v)
             assert sent == 8 * (numbers + 2 * (case.batch + 1) + case.batch * M), traffic
+            refine_traffic = results[rank]["refine traffic"]
+            assert refine_traffic[256] == refine_traffic[4096], refine_traffic
+            # Per Lloyd step: the sums and counts (m * (p + 1) per head) forward, dL (m * p) backward.
+            per_step = case.batch * case.heads * M * (2 * case.p + 1)
+            assert refine_traffic[256] == (calls + 2 * 2, sent + 8 * 2 * per_step), (refine_traffic, traffic)
 
 
 def test_refuses_without_a_process_group_and_bad_shards():

@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="sequence lengths in tokens, [CLS] and [SEP] included (full: 128 256 512; <= 512)")
     parser.add_argument("--num-landmarks", type=int, default=None, help="Skyformer landmarks m (full: 64)")
+    parser.add_argument("--landmark-refine", type=int, default=0,
+                        help="Lloyd steps on the student's landmarks (skyformer_attention's landmark_refine; 0: the "
+                             "paper)")
     parser.add_argument("--train-landmarks", choices=("random", "strided"), default="random",
                         help="landmark strategy in training mode (eval always uses strided landmarks)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (full: 500)")
@@ -143,7 +146,7 @@ def test_pairs(ids: list[int], length: int, query_tokens: int, cap: int) -> tupl
 
 # ---- model -----------------------------------------------------------------------------------------------
 
-def load_models(num_landmarks: int, train_landmarks: str):
+def load_models(num_landmarks: int, train_landmarks: str, landmark_refine: int = 0):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import transformers
@@ -163,7 +166,7 @@ def load_models(num_landmarks: int, train_landmarks: str):
     student = AutoModel.from_pretrained(path, attn_implementation="sdpa", attention_probs_dropout_prob=0.0,
                                         hidden_dropout_prob=0.0)
     name = skyformer_hf.register(ATTN_NAME, num_landmarks=num_landmarks, landmarks=train_landmarks,
-                                 eval_landmarks="strided")
+                                 eval_landmarks="strided", landmark_refine=landmark_refine)
     student.set_attn_implementation(name)
     student.eval()
     return tokenizer, teacher, student, path, skyformer_hf.registered_options(name)
@@ -323,7 +326,8 @@ def measure_cost(args, tokenizer, teacher, student, pairs: dict) -> dict:
 
 def markdown(results: dict) -> str:
     s = results["settings"]
-    lines = [f"all-MiniLM-L6-v2, teacher = sdpa, student = Skyformer (m = {s['num_landmarks']}, strided landmarks "
+    refine = f", {s['landmark_refine']} Lloyd step(s)" if s.get("landmark_refine") else ""
+    lines = [f"all-MiniLM-L6-v2, teacher = sdpa, student = Skyformer (m = {s['num_landmarks']}{refine}, strided landmarks "
              f"in eval), distilled {s['steps']} steps on {results['data']['train_tokens']} train tokens; held-out "
              f"Python Language Reference prose ({results['data']['test_tokens']} tokens, "
              f"{len(results['data']['test_topics'])} topics never seen in training). "
@@ -413,7 +417,8 @@ def main(argv=None) -> dict:
     clock = time.perf_counter()
     phases = {}
 
-    tokenizer, teacher, student, model_dir, options = load_models(args.num_landmarks, args.train_landmarks)
+    tokenizer, teacher, student, model_dir, options = load_models(args.num_landmarks, args.train_landmarks,
+                                                                  args.landmark_refine)
     train_topics, test_topics = split_topics()
     train_ids, test_ids = token_stream(tokenizer, train_topics), token_stream(tokenizer, test_topics)
     pairs = {length: test_pairs(test_ids, length, args.query_tokens, args.max_test_docs) for length in args.lengths}
@@ -464,6 +469,7 @@ def main(argv=None) -> dict:
     settings = {key: getattr(args, key) for key in FULL}
     settings.update({"quick": args.quick, "seed": args.seed, "threads": args.threads,
                      "train_landmarks": args.train_landmarks, "eval_landmarks": "strided",
+                     "landmark_refine": args.landmark_refine,
                      "weight_decay": args.weight_decay, "warmup_fraction": args.warmup_fraction,
                      "token_mse": args.token_mse, "optimizer": "AdamW, grad-norm clip 1.0, linear warm-up then "
                      "linear decay to 0", "loss": "mean(1 - cos(student_emb, teacher_emb))"
