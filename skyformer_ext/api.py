@@ -204,8 +204,7 @@ def skyformer_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if landmark_indices is not None:
         varlen.check_packed_landmark_indices(landmark_indices, cu_seqlens_q, cu_seqlens_k, q.device)
     m = num_landmarks if landmark_indices is None else landmark_indices.shape[1]
-    # The fused kernels do not refine packed landmarks yet: "auto" then takes the tiled PyTorch path.
-    backend = _resolve_backend("torch" if backend == "auto" and landmark_refine else backend, q, v, m)
+    backend = _resolve_backend(backend, q, v, m)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[0] == 0 or k.shape[0] == 0 or q.shape[1] == 0:  # no query, no key at all, or no head: zeros
         return _empty_result(q, k, v)

@@ -17,7 +17,7 @@ waits for the GPU: the call can be captured in a CUDA graph. Nothing (n x m) or 
 backward: the kernels recompute kappa tiles; the extra buffers are O(m * p) per head plus bounded per-split
 partial sums (deterministic=False: one float32 buffer per reduction that the splits add into atomically).
 Packed variable-length calls (skyformer_attention_varlen) are the same op with cu_seqlens: the same kernels and
-launches, addressed by sequence. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is first
+launches (refinement included), addressed by sequence. Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before this module is first
 imported; the tests do).
 """
 
@@ -86,7 +86,7 @@ def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
         landmarks, indices = landmark_stage.forward(q, k, key_mask, num_landmarks, landmark_indices,
                                                     landmark_draws, seqs)
     with stage("landmark_refine"):
-        landmarks, assignments, counts = refine_stage.forward(q, k, key_mask, landmarks, landmark_refine)
+        landmarks, assignments, counts = refine_stage.forward(q, k, key_mask, landmarks, landmark_refine, seqs)
     with stage("key_summary"):
         summary_partials = key_summary.forward(k, v, landmarks, key_mask, scale, deterministic, key_seqs)
     with stage("landmark_solve"):
@@ -123,7 +123,8 @@ def _(q, k, v, key_mask, landmark_indices, landmark_draws, num_landmarks, scale,
     return (q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(*head_rows, q.shape[-1]),
             q.new_empty(batch, num_landmarks, dtype=torch.int64),
             q.new_empty(*head_rows, v.shape[-1], dtype=torch.float32), q.new_empty(*head_rows, v.shape[-1]),
-            q.new_empty(landmark_refine, batch, heads, points, dtype=torch.int32),
+            q.new_empty(refine_stage.assignment_shape(landmark_refine, batch, heads, points, 0, packed),
+                        dtype=torch.int32),
             q.new_empty(landmark_refine, *head_rows, dtype=torch.float32))
 
 
@@ -157,7 +158,7 @@ def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
                                                       counts if refined else None, seqs)
     if refined:
         with stage("landmark_refine"):
-            refine_stage.backward_into(grad_q, grad_k, assignments, counts, grad_landmarks)
+            refine_stage.backward_into(grad_q, grad_k, assignments, counts, grad_landmarks, seqs)
     return grad_q, grad_k, grad_v
 
 
@@ -287,8 +288,5 @@ def skyformer_attention(q, k, v, attn_mask, num_landmarks: int, landmark_indices
     if num_landmarks > MAX_LANDMARKS:
         raise ValueError(f"backend='triton' supports up to {MAX_LANDMARKS} landmarks, got num_landmarks="
                          f"{num_landmarks}; use backend='torch'")
-    if landmark_refine and packing[0] is not None:
-        raise ValueError("backend='triton' does not refine the landmarks of packed sequences yet "
-                         "(landmark_refine > 0); use backend='torch'")
     return skyformer_attention_op(q, k, v, attn_mask, landmark_indices, landmark_draws, num_landmarks, scale,
                                   ridge, inverse, ns_iters, deterministic, landmark_refine, *packing)[0]

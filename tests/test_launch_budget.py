@@ -79,3 +79,17 @@ def test_packed_call_launches_what_the_dense_call_launches():
     assert stage_counts == {"landmarks": 2, "key_summary": 1, "landmark_solve": 1, "query_apply": 1}, forward.by_kernel
     assert backward.by_stage == {"query_apply": 2, "landmark_solve": 1, "key_summary": 2, "landmarks": 1}
     assert set(forward.by_stage) - STAGES <= {"(unlabelled)"} and backward.syncs == 0
+
+
+def test_packed_refinement_launches_what_the_dense_refinement_launches():
+    """Issues 14 and 18: Lloyd steps on packed sequences are the dense refine kernels addressed by sequence,
+    2 launches per step forward and 1 backward for all sequences, no host sync in any stage."""
+    steps = 2
+    config = Config(**{**BASE, "mask": False, "packed": True, "batch": 3, "landmark_refine": steps, "p": 16})
+    forward, backward = count_skyformer(config)
+    stage_counts = {s: c for s, c in forward.by_stage.items() if s in STAGES}
+    assert stage_counts == {"landmarks": 2, "landmark_refine": 2 * steps, "key_summary": 1, "landmark_solve": 1,
+                            "query_apply": 1}, forward.by_kernel
+    assert backward.by_stage == {"query_apply": 2, "landmark_solve": 1, "key_summary": 2, "landmarks": 1,
+                                 "landmark_refine": steps}, backward.by_kernel
+    assert set(forward.by_stage) - STAGES <= {"(unlabelled)"} and backward.syncs == 0

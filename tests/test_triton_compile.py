@@ -50,7 +50,8 @@ def test_every_kernel_compiles_without_spills_in_the_benchmark_buckets(tmp_path)
         configs = [r["config"] for r in rows if r["kernel"] == kernel]
         for flags in ("packed-x", "packed-y", "packed-x packed-y"):
             assert any(flags in c and ("packed-y" in c) == ("packed-y" in flags) for c in configs), (kernel, flags)
-    for kernel in ("landmark_rows_kernel", "landmark_grad_scatter_kernel"):
+    for kernel in ("landmark_rows_kernel", "landmark_grad_scatter_kernel", "lloyd_assign_kernel",
+                   "lloyd_update_kernel", "lloyd_grad_kernel"):
         assert any(" packed" in r["config"] for r in rows if r["kernel"] == kernel), kernel
     # Context parallel (issue 15): the solve's backward writes the scaled dZ in float32 for 16-bit inputs too.
     for kernel in ("newton_schulz_bwd_kernel", "cholesky_bwd_kernel"):

@@ -191,8 +191,6 @@ def test_bad_landmark_indices_and_backends_are_refused():
         call(landmark_indices=outside)
     with pytest.raises(ValueError, match="landmark_indices"):
         call(landmark_indices=indices[:3])
-    with pytest.raises(ValueError, match="landmark_refine"):
-        call(backend="triton", landmark_refine=1)  # the fused kernels do not refine packed landmarks yet
     with pytest.raises(TypeError, match="backend='triton'"):
         sx.skyformer_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k, backend="triton")
     with pytest.raises(ValueError, match="landmark_refine"):
@@ -264,9 +262,10 @@ def _triton_pack(dtype=torch.float32):
 @pytest.mark.parametrize("fn_name,options", [
     ("skyformer", dict(ns_iters=2)),
     ("skyformer", dict(inverse="cholesky", deterministic=False)),
+    ("skyformer", dict(ns_iters=2, landmark_refine=2)),
     ("kernelized", dict()),
     ("kernelized", dict(deterministic=False)),
-], ids=["skyformer", "skyformer-cholesky-atomic", "kernelized", "kernelized-atomic"])
+], ids=["skyformer", "skyformer-cholesky-atomic", "skyformer-refine2", "kernelized", "kernelized-atomic"])
 def test_triton_packed_call_equals_dense_triton_calls_and_the_reference(fn_name, options, nan_poisoned_empty):
     """Outputs and every gradient of one packed launch set equal the loop of dense triton calls and the float64
     reference; buffers start as NaN, so an element no program writes fails."""
@@ -285,11 +284,12 @@ def test_triton_packed_call_equals_dense_triton_calls_and_the_reference(fn_name,
 
 # float16 runs the same kernels as bfloat16 (the interpreter's time is the cost): the slow profile.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("fn_name", ["skyformer", "kernelized"])
-def test_triton_packed_low_precision_within_twice_the_torch_path_error(dtype, fn_name):
+@pytest.mark.parametrize("variant", ["skyformer", "skyformer-refine", "kernelized"])
+def test_triton_packed_low_precision_within_twice_the_torch_path_error(dtype, variant):
     q, k, v, cu_q, cu_k, max_q, max_k, indices = _triton_pack()
     low = [x.to(dtype) for x in (q, k, v)]
-    options = dict(ns_iters=2) if fn_name == "skyformer" else {}
+    fn_name = variant.split("-")[0]
+    options = {"skyformer": dict(ns_iters=2), "skyformer-refine": dict(ns_iters=2, landmark_refine=1)}.get(variant, {})
     truth = _grads(_packed_call(fn_name, "reference", cu_q, cu_k, max_q, max_k, indices, **options),
                    *(x.double() for x in low))
     got = _grads(_packed_call(fn_name, "triton", cu_q, cu_k, max_q, max_k, indices, **options), *low)

@@ -178,18 +178,23 @@ def _refine_launches(dtype: str, head_dims=None, m_pads=None) -> list[Launch]:
     launches = []
     for block_d in head_dims or gt.HEAD_DIMS:
         for m_pad in m_pads or ls.M_PADS:
-            cfg = lr.refine_config(m_pad, block_d, DTYPES[dtype])
-            blocks = (("BLOCK_M", cfg["BLOCK_M"]), ("CHUNK_D", cfg["CHUNK_D"]))
-            launches += [
-                Launch("lloyd_assign_kernel", "refine", dtype, (("ASSIGN", i32), ("COUNTS", f32), ("SUMS", f32)),
-                       (("BLOCK_N", cfg["BLOCK_N"]),) + blocks + (("UPCAST", False), ("PRECISION", cfg["PRECISION"])),
-                       cfg["num_warps"], 3, "landmark_refine", maxnreg=lr.ASSIGN_MAX_REGISTERS),
-                Launch("lloyd_update_kernel", "refine", dtype, (("COUNTS", f32), ("COUNTS_OUT", f32), ("SUMS", f32)),
-                       blocks + (("MASK_BLOCK", lr.MASK_BLOCK),), 4, 3, "landmark_refine"),
-                Launch("lloyd_grad_kernel", "refine", dtype, (("ASSIGN", i32), ("COUNTS", f32), ("GRAD_L", f32)),
-                       (("BLOCK_N", cfg["GRAD_BLOCK_N"]), ("CHUNK_D", cfg["GRAD_CHUNK_D"])), 4, 3, "landmark_refine",
-                       maxnreg=lr.GRAD_MAX_REGISTERS),
-            ]
+            for packed in (False, True):  # packed: the assignments' batch stride is the row stride 1
+                cfg = lr.refine_config(m_pad, block_d, DTYPES[dtype])
+                blocks = (("BLOCK_M", cfg["BLOCK_M"]), ("CHUNK_D", cfg["CHUNK_D"]))
+                flag, ints = (("PACKED", packed),), ((("sa_b", 1),) if packed else ())
+                launches += [
+                    Launch("lloyd_assign_kernel", "refine", dtype, (("ASSIGN", i32), ("COUNTS", f32), ("SUMS", f32)),
+                           (("BLOCK_N", cfg["BLOCK_N"]),) + blocks + (("UPCAST", False),
+                                                                     ("PRECISION", cfg["PRECISION"])) + flag,
+                           cfg["num_warps"], 3, "landmark_refine", ints, lr.ASSIGN_MAX_REGISTERS),
+                    Launch("lloyd_update_kernel", "refine", dtype,
+                           (("COUNTS", f32), ("COUNTS_OUT", f32), ("SUMS", f32)),
+                           blocks + (("MASK_BLOCK", lr.MASK_BLOCK),) + flag, 4, 3, "landmark_refine"),
+                    Launch("lloyd_grad_kernel", "refine", dtype, (("ASSIGN", i32), ("COUNTS", f32), ("GRAD_L", f32)),
+                           (("BLOCK_N", cfg["GRAD_BLOCK_N"]), ("CHUNK_D", cfg["GRAD_CHUNK_D"])) + flag, 4, 3,
+                           "landmark_refine", ints,
+                           lr.PACKED_GRAD_MAX_REGISTERS if packed else lr.GRAD_MAX_REGISTERS),
+                ]
     return launches
 
 
@@ -236,7 +241,8 @@ def launches(dtypes=None, head_dims=None, m_pads=None, kernels=None) -> list[Lau
     every = [launch for dtype in dtypes or DTYPES
              for launch in (_stage_launches(dtype, head_dims) + _solve_launches(dtype, head_dims, m_pads)
                             + _landmark_launches(dtype, head_dims, m_pads) + _refine_launches(dtype, head_dims, m_pads))]
-    return [launch for launch in every if not kernels or any(k in launch.kernel for k in kernels)]
+    # Buckets that pick the same configuration (e.g. the refine kernels' m buckets) compile once.
+    return list(dict.fromkeys(launch for launch in every if not kernels or any(k in launch.kernel for k in kernels)))
 
 
 _UNIT_STRIDES = re.compile(r"^s\w+_(d|c)$|^sm_r$")  # innermost strides: 1 for contiguous inputs

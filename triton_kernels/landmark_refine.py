@@ -29,16 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .gaussian_tiles import (RUNTIME_INTS, TARGET_PROGRAMS, _batch_and_heads, _load_tile, _mask_args, _upcast,
-                             kernel_with_runtime_ints)
+from .gaussian_tiles import (RUNTIME_INTS, TARGET_PROGRAMS, Sequences, _batch_and_heads, _load_tile, _mask_args,
+                             _operand, _sequence_rows, _upcast, kernel_with_runtime_ints)
 from .landmarks import _valid_key_count, passes_on
 
 MASK_BLOCK = 128
 # ptxas's own register target spilled the narrow-tile variants (head-dim bucket 16: 32 registers for the grad
-# kernel, 72 for the assign kernel at m <= 16); these caps are spill-free in every bucket (compile_check).
-ASSIGN_MAX_REGISTERS, GRAD_MAX_REGISTERS = 255, 64
+# kernel, 72 for the assign kernel at m <= 16); these caps are spill-free in every bucket (compile_check). The
+# packed grad kernel needs up to 80 (float32, sm_90).
+ASSIGN_MAX_REGISTERS, GRAD_MAX_REGISTERS, PACKED_GRAD_MAX_REGISTERS = 255, 64, 96
 # Sequence lengths and step/split counts vary call to call: unspecialised, one compiled variant for all.
-_kernel = kernel_with_runtime_ints(RUNTIME_INTS + ["n_q", "n_k", "step", "steps", "splits", "tiles_per_split"])
+_kernel = kernel_with_runtime_ints(RUNTIME_INTS + ["n_q", "n_k", "step", "steps", "splits", "tiles_per_split",
+                                                   "key_offset"])
 
 
 def refine_config(m: int, dim: int, elem_bytes: int) -> dict:
@@ -134,19 +136,21 @@ def _assign_tile(x_base, s_r, s_d, row0, n_rows, mask_base, stride_mask, use_mas
 
 
 @_kernel
-def lloyd_assign_kernel(Q, K, MASK, L, SUMS, COUNTS, ASSIGN,
+def lloyd_assign_kernel(Q, K, MASK, CU_Q, CU_K, L, SUMS, COUNTS, ASSIGN,
                         sq_b, sq_h, sq_r, sq_d, sk_b, sk_h, sk_r, sk_d, sm_b, sm_r, sl_b, sl_h, sl_r, sl_d,
                         ss_s, ss_b, ss_h, ss_r, ss_d, sc_s, sc_b, sc_h, sa_b, sa_h,
-                        n_q, n_k, heads, group, m, tiles_per_split, dim, has_mask,
+                        n_q, n_k, key_offset, heads, group, m, tiles_per_split, dim, has_mask,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_D: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr):
     chunk, split = tl.program_id(0), tl.program_id(1)
     batch, head, kv_head = _batch_and_heads(tl.program_id(2), heads, group)
+    q_first, n_q = _sequence_rows(CU_Q, batch, n_q, PACKED)
+    k_first, n_k = _sequence_rows(CU_K, batch, n_k, PACKED)
     chunk0 = chunk * CHUNK_D
     l_base = L + batch * sl_b + head * sl_h
     l_half = _landmark_half_norms(l_base, sl_r, sl_d, m, dim, BLOCK_M, CHUNK_D, UPCAST)
     mask_base = MASK + batch * sm_b
-    assign_base = ASSIGN + batch * sa_b + head * sa_h
+    assign_base = ASSIGN + head * sa_h
     write_assignment = chunk == 0
     sums = tl.zeros((BLOCK_M, CHUNK_D), dtype=tl.float32)
     counts = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -157,14 +161,15 @@ def lloyd_assign_kernel(Q, K, MASK, L, SUMS, COUNTS, ASSIGN,
     tile_stop = tl.minimum(tile_start + tiles_per_split, all_tiles)
     masks_queries = has_mask * (n_q == n_k)  # self-attention: padded queries take no part either
     for tile in range(tile_start, tl.minimum(tile_stop, query_tiles)):
-        sums, counts = _assign_tile(Q + batch * sq_b + head * sq_h, sq_r, sq_d, tile * BLOCK_N, n_q, mask_base, sm_r,
-                                    masks_queries, l_base, sl_r, sl_d, l_half, sums, counts, assign_base, m, dim,
-                                    chunk0, write_assignment, BLOCK_N, BLOCK_M, CHUNK_D, UPCAST, PRECISION)
+        sums, counts = _assign_tile(Q + q_first * sq_b + head * sq_h, sq_r, sq_d, tile * BLOCK_N, n_q, mask_base,
+                                    sm_r, masks_queries, l_base, sl_r, sl_d, l_half, sums, counts,
+                                    assign_base + q_first * sa_b, m, dim, chunk0, write_assignment, BLOCK_N, BLOCK_M,
+                                    CHUNK_D, UPCAST, PRECISION)
     for tile in range(tl.maximum(tile_start, query_tiles), tile_stop):
-        sums, counts = _assign_tile(K + batch * sk_b + kv_head * sk_h, sk_r, sk_d, (tile - query_tiles) * BLOCK_N,
+        sums, counts = _assign_tile(K + k_first * sk_b + kv_head * sk_h, sk_r, sk_d, (tile - query_tiles) * BLOCK_N,
                                     n_k, mask_base, sm_r, has_mask, l_base, sl_r, sl_d, l_half, sums, counts,
-                                    assign_base + n_q, m, dim, chunk0, write_assignment, BLOCK_N, BLOCK_M, CHUNK_D,
-                                    UPCAST, PRECISION)
+                                    assign_base + k_first * sa_b + key_offset, m, dim, chunk0, write_assignment,
+                                    BLOCK_N, BLOCK_M, CHUNK_D, UPCAST, PRECISION)
     slots = tl.arange(0, BLOCK_M)
     cols = chunk0 + tl.arange(0, CHUNK_D)
     split_offset = split.to(tl.int64)
@@ -176,13 +181,15 @@ def lloyd_assign_kernel(Q, K, MASK, L, SUMS, COUNTS, ASSIGN,
 
 
 @_kernel
-def lloyd_update_kernel(L, SUMS, COUNTS, MASK, L_NEW, COUNTS_OUT,
+def lloyd_update_kernel(L, SUMS, COUNTS, MASK, CU_K, L_NEW, COUNTS_OUT,
                         sl_b, sl_h, sl_r, sl_d, ss_s, ss_b, ss_h, ss_r, ss_d, sc_s, sc_b, sc_h, sm_b, sm_r,
                         sn_b, sn_h, sn_r, sn_d, so_b, so_h,
                         n_k, heads, m, splits, dim, has_mask,
-                        BLOCK_M: tl.constexpr, CHUNK_D: tl.constexpr, MASK_BLOCK: tl.constexpr):
+                        BLOCK_M: tl.constexpr, CHUNK_D: tl.constexpr, MASK_BLOCK: tl.constexpr,
+                        PACKED: tl.constexpr):
     pid_bh, chunk = tl.program_id(0), tl.program_id(1)
     batch, head, _ = _batch_and_heads(pid_bh, heads, 1)
+    _, n_k = _sequence_rows(CU_K, batch, n_k, PACKED)
     slots = tl.arange(0, BLOCK_M)
     cols = chunk * CHUNK_D + tl.arange(0, CHUNK_D)
     inside = (slots < m)[:, None] & (cols < dim)[None, :]
@@ -234,14 +241,16 @@ def _add_into_rows(base, s_r, s_d, rows, n_rows, col0, dim, grad, CHUNK_D: tl.co
 
 
 @_kernel
-def lloyd_grad_kernel(ASSIGN, COUNTS, GRAD_L, GRAD_Q, GRAD_K,
+def lloyd_grad_kernel(ASSIGN, COUNTS, GRAD_L, GRAD_Q, GRAD_K, CU_Q, CU_K,
                       sa_t, sa_b, sa_h, sc_t, sc_b, sc_h, sg_b, sg_h, sg_r, sg_d,
                       sdq_b, sdq_h, sdq_r, sdq_d, sdk_b, sdk_h, sdk_r, sdk_d,
-                      n_q, n_k, kv_heads, group, step, steps, dim,
-                      BLOCK_N: tl.constexpr, CHUNK_D: tl.constexpr):
+                      n_q, n_k, key_offset, kv_heads, group, step, steps, dim,
+                      BLOCK_N: tl.constexpr, CHUNK_D: tl.constexpr, PACKED: tl.constexpr):
     tile, pid_bk = tl.program_id(0), tl.program_id(1)
     batch = (pid_bk // kv_heads).to(tl.int64)
     kv_head = (pid_bk % kv_heads).to(tl.int64)
+    q_first, n_q = _sequence_rows(CU_Q, batch, n_q, PACKED)
+    k_first, n_k = _sequence_rows(CU_K, batch, n_k, PACKED)
     query_tiles = tl.cdiv(n_q, BLOCK_N)
     is_query = tile < query_tiles
     row0 = tl.where(is_query, tile, tile - query_tiles) * BLOCK_N
@@ -251,28 +260,50 @@ def lloyd_grad_kernel(ASSIGN, COUNTS, GRAD_L, GRAD_Q, GRAD_K,
         key_grad = tl.zeros((BLOCK_N, CHUNK_D), dtype=tl.float32)
         for member in range(0, group):
             head = kv_head * group + member
-            grad = _point_shares(ASSIGN + step * sa_t + batch * sa_b + head * sa_h
-                                 + tl.where(is_query, 0, n_q), COUNTS + batch * sc_b + head * sc_h,
+            grad = _point_shares(ASSIGN + step * sa_t + head * sa_h
+                                 + tl.where(is_query, q_first * sa_b, k_first * sa_b + key_offset),
+                                 COUNTS + batch * sc_b + head * sc_h,
                                  GRAD_L + batch * sg_b + head * sg_h, sc_t, sg_r, sg_d, rows, n_rows, step, steps,
                                  col0, dim, BLOCK_N, CHUNK_D)
             if is_query:
-                _add_into_rows(GRAD_Q + batch * sdq_b + head * sdq_h, sdq_r, sdq_d, rows, n_q, col0, dim, grad,
+                _add_into_rows(GRAD_Q + q_first * sdq_b + head * sdq_h, sdq_r, sdq_d, rows, n_q, col0, dim, grad,
                                CHUNK_D)
             else:
                 key_grad += grad
         if not is_query:
-            _add_into_rows(GRAD_K + batch * sdk_b + kv_head * sdk_h, sdk_r, sdk_d, rows, n_k, col0, dim, key_grad,
-                           CHUNK_D)
+            _add_into_rows(GRAD_K + k_first * sdk_b + kv_head * sdk_h, sdk_r, sdk_d, rows, n_k, col0, dim,
+                           key_grad, CHUNK_D)
 
 
 # ---- host wrappers ------------------------------------------------------------------------------------
 
-def forward(q, k, key_mask, seeds, steps: int):
-    """(refined landmarks (b, H, m, p) in q's dtype, assignments (steps, b, H, n_q + n_k) int32, counts
-    (steps, b, H, m) float32): ``steps`` Lloyd steps from ``seeds``, two launches each."""
+def _assignment_layout(assignments: torch.Tensor, packed: bool, n_q: int, total_q: int):
+    """(step, batch, head strides, key offset) of the (steps, b, H, points) assignments: dense rows
+    [0, n_q) queries then keys; packed (b = 1) every packed query row, then every packed key row at total_q,
+    each sequence addressed by its first row (the row stride 1 stands in for the batch stride)."""
+    step_stride, batch_stride, head_stride, _ = assignments.stride()
+    return step_stride, 1 if packed else batch_stride, head_stride, total_q if packed else n_q
+
+
+def assignment_shape(steps: int, batch: int, heads: int, n_q: int, n_k: int, packed: bool) -> tuple:
+    """(steps, b, H, points) of the assignments: points n_q + n_k per batch row, or, packed, every packed row
+    of q and k (total_q + total_k) in one row."""
+    return steps, 1 if packed else batch, heads, n_q + n_k
+
+
+def forward(q, k, key_mask, seeds, steps: int, seqs: tuple[Sequences, Sequences] | None = None):
+    """(refined landmarks (b, H, m, p) in q's dtype, assignments (see assignment_shape) int32, counts
+    (steps, b, H, m) float32): ``steps`` Lloyd steps from ``seeds``, two launches each. seqs: packed q and k
+    (query and key Sequences, no key mask): batch row s of the landmarks is sequence s, its points the rows of
+    sequence s (a sequence without keys keeps its zero landmarks)."""
+    query_seqs, key_seqs = seqs if seqs is not None else (None, None)
     batch, heads, m, dim = seeds.shape
-    n_q, n_k = q.shape[2], k.shape[2]
-    assignments = torch.empty(steps, batch, heads, n_q + n_k, dtype=torch.int32, device=q.device)
+    _, _, n_q, _, q_strides, cu_q = _operand(q, query_seqs)
+    _, kv_heads, n_k, _, k_strides, cu_k = _operand(k, key_seqs)
+    packed = seqs is not None
+    total_q, total_k = (q.shape[0], k.shape[0]) if packed else (n_q, n_k)
+    assignments = torch.empty(assignment_shape(steps, batch, heads, total_q, total_k, packed), dtype=torch.int32,
+                              device=q.device)
     counts = torch.empty(steps, batch, heads, m, dtype=torch.float32, device=q.device)
     if steps == 0:
         return seeds, assignments, counts
@@ -285,36 +316,43 @@ def forward(q, k, key_mask, seeds, steps: int):
     sums = torch.empty(splits, batch, heads, m, dim, dtype=torch.float32, device=q.device)
     split_counts = torch.empty(splits, batch, heads, m, dtype=torch.float32, device=q.device)
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, q.device)
+    _, sa_b, sa_h, key_offset = _assignment_layout(assignments, packed, n_q, total_q)
     upcast = _upcast(q, k)
     landmarks = seeds
     for step in range(steps):
         lloyd_assign_kernel[(chunks, splits, batch * heads)](
-            q, k, mask, landmarks, sums, split_counts, assignments[step], *q.stride(), *k.stride(), sm_b, sm_r,
-            *landmarks.stride(), *sums.stride(), *split_counts.stride()[:3], *assignments.stride()[1:3],
-            n_q, n_k, heads, heads // k.shape[1], m, tiles_per_split, dim, has_mask,
+            q, k, mask, cu_q, cu_k, landmarks, sums, split_counts, assignments[step], *q_strides, *k_strides, sm_b,
+            sm_r, *landmarks.stride(), *sums.stride(), *split_counts.stride()[:3], sa_b, sa_h,
+            n_q, n_k, key_offset, heads, heads // kv_heads, m, tiles_per_split, dim, has_mask,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], CHUNK_D=cfg["CHUNK_D"], UPCAST=upcast,
-            PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], maxnreg=ASSIGN_MAX_REGISTERS)
+            PRECISION=cfg["PRECISION"], PACKED=packed, num_warps=cfg["num_warps"], maxnreg=ASSIGN_MAX_REGISTERS)
         moved = torch.empty_like(seeds)
         lloyd_update_kernel[(batch * heads, chunks)](
-            landmarks, sums, split_counts, mask, moved, counts[step], *landmarks.stride(), *sums.stride(),
+            landmarks, sums, split_counts, mask, cu_k, moved, counts[step], *landmarks.stride(), *sums.stride(),
             *split_counts.stride()[:3], sm_b, sm_r, *moved.stride(), *counts.stride()[1:3],
             n_k, heads, m, splits, dim, has_mask, BLOCK_M=cfg["BLOCK_M"], CHUNK_D=cfg["CHUNK_D"],
-            MASK_BLOCK=MASK_BLOCK, num_warps=4)
+            MASK_BLOCK=MASK_BLOCK, PACKED=packed, num_warps=4)
         landmarks = moved
     return landmarks, assignments, counts
 
 
-def backward_into(grad_q, grad_k, assignments, counts, grad_landmarks) -> None:
+def backward_into(grad_q, grad_k, assignments, counts, grad_landmarks,
+                  seqs: tuple[Sequences, Sequences] | None = None) -> None:
     """Adds every step's shares of the total landmark gradient grad_landmarks (b, H, m, p) float32 into
-    grad_q / grad_k, in place: one launch per step."""
-    steps, batch, heads, _ = assignments.shape
-    n_q, n_k, dim = grad_q.shape[2], grad_k.shape[2], grad_q.shape[3]
-    kv_heads = grad_k.shape[1]
-    cfg = refine_config(grad_landmarks.shape[2], dim, grad_q.element_size())
+    grad_q / grad_k, in place: one launch per step. seqs: packed grad_q and grad_k, as in forward."""
+    query_seqs, key_seqs = seqs if seqs is not None else (None, None)
+    steps = assignments.shape[0]
+    batch, heads, m, dim = grad_landmarks.shape
+    _, _, n_q, _, dq_strides, cu_q = _operand(grad_q, query_seqs)
+    _, kv_heads, n_k, _, dk_strides, cu_k = _operand(grad_k, key_seqs)
+    packed = seqs is not None
+    sa_t, sa_b, sa_h, key_offset = _assignment_layout(assignments, packed, n_q, grad_q.shape[0] if packed else n_q)
+    cfg = refine_config(m, dim, grad_q.element_size())
     block_n = cfg["GRAD_BLOCK_N"]
     tiles = triton.cdiv(n_q, block_n) + triton.cdiv(n_k, block_n)
     for step in reversed(range(steps)):
         lloyd_grad_kernel[(tiles, batch * kv_heads)](
-            assignments, counts, grad_landmarks, grad_q, grad_k, *assignments.stride()[:3], *counts.stride()[:3],
-            *grad_landmarks.stride(), *grad_q.stride(), *grad_k.stride(), n_q, n_k, kv_heads, heads // kv_heads,
-            step, steps, dim, BLOCK_N=block_n, CHUNK_D=cfg["GRAD_CHUNK_D"], num_warps=4, maxnreg=GRAD_MAX_REGISTERS)
+            assignments, counts, grad_landmarks, grad_q, grad_k, cu_q, cu_k, sa_t, sa_b, sa_h,
+            *counts.stride()[:3], *grad_landmarks.stride(), *dq_strides, *dk_strides, n_q, n_k, key_offset,
+            kv_heads, heads // kv_heads, step, steps, dim, BLOCK_N=block_n, CHUNK_D=cfg["GRAD_CHUNK_D"],
+            PACKED=packed, num_warps=4, maxnreg=PACKED_GRAD_MAX_REGISTERS if packed else GRAD_MAX_REGISTERS)
