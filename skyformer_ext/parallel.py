@@ -216,8 +216,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             "torch" or "triton"; every rank must pick the same.
         landmark_refine: Lloyd steps on the landmarks (see :func:`skyformer_ext.skyformer_attention`), over the
             whole sequence: each rank assigns its own rows, and the per-landmark sums and counts are summed over
-            the ranks (one collective of m * (p + 1) numbers per head and step; one of m * p in the backward).
-            Runs on the torch stages ("auto" picks them; "triton" refuses).
+            the ranks (one collective of m * (p + 1) numbers per head and step; on the torch stages one more of
+            m * p per step in the backward, the Triton path reuses the dL sum it makes anyway).
         Every other option as in :func:`skyformer_ext.skyformer_attention`.
 
     Returns:
@@ -233,9 +233,6 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _check_inputs(q, k, v, attn_mask, landmark_indices)
     _checks.check_skyformer_options(num_landmarks, landmarks, ridge, inverse, ns_iters, scale, deterministic,
                                     backend, landmark_refine)
-    if landmark_refine and backend == "triton":
-        raise ValueError("context_parallel_attention refines landmarks (landmark_refine > 0) on the torch stages "
-                         "only: use backend='auto' or 'torch'")
     if backend == "reference":
         raise ValueError("context_parallel_attention runs the stages of the 'torch' or 'triton' backend on every "
                          "rank: backend must be 'auto', 'torch' or 'triton', got 'reference'")
@@ -278,15 +275,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q, k, v = autocast_inputs(q, k, v)
     scale = _checks.default_scale(scale, q.shape[-1])
     with without_autocast(device):
-        if _resolve_backend("torch" if landmark_refine else backend, q, v, m) == "triton":
+        if _resolve_backend(backend, q, v, m) == "triton":
             from . import triton_backend
 
             triton_backend.check_inputs(q, v)
             if m > triton_backend.MAX_LANDMARKS:
                 raise ValueError(f"backend='triton' supports up to {triton_backend.MAX_LANDMARKS} landmarks, got "
                                  f"num_landmarks={m}; use backend='torch'")
+            refinement = (landmark_refine, has_keys, self_attention_mask and total_q == total_k)
             return _ShardedTritonSkyformer.apply(q, k, v, attn_mask, rows, owned & has_keys[:, None], comm,
-                                                 (scale, ridge, inverse, ns_iters, deterministic))
+                                                 (scale, ridge, inverse, ns_iters, deterministic), refinement)
         return _skyformer_sharded(q, k, v, attn_mask, rows, owned & has_keys[:, None], comm, ridge, inverse,
                                   ns_iters, scale, landmark_refine,
                                   (query_valid & has_keys[:, None], key_valid & has_keys[:, None]))
@@ -351,14 +349,45 @@ def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
     return torch.where(mantissa > 0, torch.ldexp(torch.ones_like(mantissa), exponent), torch.ones_like(mantissa))
 
 
+def _triton_lloyd_steps(q, k, key_mask, landmarks, comm, steps, has_keys, queries_masked):
+    """(landmarks after ``steps`` Lloyd steps over the whole sequence, this rank's assignments (steps, b, H,
+    n_q + n_k) int32, the global counts (steps, b, H, m) float32): the assign kernel on the local rows, the
+    split sums and counts added locally in a fixed order, then summed over the ranks in one collective."""
+    from triton_kernels import landmark_refine as refine_stage
+    from triton_kernels.gaussian_tiles import reduce_splits
+
+    batch, heads, m, dim = landmarks.shape
+    rows = q.shape[2] + k.shape[2]
+    assignments = torch.empty(steps, batch, heads, rows, dtype=torch.int32, device=q.device)
+    counts = torch.empty(steps, batch, heads, m, dtype=torch.float32, device=q.device)
+    for step in range(steps):
+        if rows:
+            sums, split_counts, assignment = refine_stage.assign_points(q, k, key_mask, landmarks, queries_masked)
+            assignments[step] = assignment[0]
+            local = torch.cat([reduce_splits(sums, torch.float32),
+                               reduce_splits(split_counts, torch.float32)[..., None]], dim=-1)
+        else:
+            local = landmarks.new_zeros(batch, heads, m, dim + 1, dtype=torch.float32)
+        totals = comm.sum(local)
+        # A batch row with no valid key anywhere keeps its zero landmarks (the update kernel's rule).
+        counts[step] = torch.where(has_keys[:, None, None], totals[..., -1], 0.0)
+        step_counts = counts[step][..., None]
+        landmarks = torch.where(step_counts > 0, totals[..., :-1] / step_counts.clamp_min(1),
+                                landmarks.float()).to(landmarks.dtype)
+    return landmarks, assignments, counts
+
+
 class _ShardedTritonSkyformer(torch.autograd.Function):
     """backend="triton" on every rank: the stage kernels of triton_kernels with the sums over the ranks between
     them, one autograd node (its backward runs the kernels' backward chain and the two backward sums). Z, dZ
     and dL cross the ranks in float32, as the single-device op keeps them; the landmark rows in the input
-    dtype (each slot has one owner: the sum is exact)."""
+    dtype (each slot has one owner: the sum is exact). Lloyd steps: the assignment kernel on the local rows,
+    its split sums and counts summed over the ranks, the means taken in float32 and stored in the input
+    dtype (as the update kernel does); backward: the total dL to the seeds that never moved (scatter kernel)
+    and each local row's share (the refine grad kernel with the global counts)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, rows, filled, comm, options):
+    def forward(ctx, q, k, v, key_mask, rows, filled, comm, options, refinement):
         from triton_kernels import key_summary, landmark_solve, query_apply
         from triton_kernels.gaussian_tiles import reduce_splits
 
@@ -367,6 +396,7 @@ class _ShardedTritonSkyformer(torch.autograd.Function):
         m, dim_v = rows.shape[1], v.shape[-1]
         with torch.no_grad():
             landmarks = comm.sum(_slot_rows(q, k, rows, filled))
+            landmarks, assignments, counts = _triton_lloyd_steps(q, k, key_mask, landmarks, comm, *refinement)
             if k.shape[2]:
                 local_summary = reduce_splits(key_summary.forward(k, v, landmarks, key_mask, scale, deterministic),
                                               torch.float32)
@@ -380,17 +410,18 @@ class _ShardedTritonSkyformer(torch.autograd.Function):
                                                                q.dtype)
             out = (query_apply.forward(q, landmarks, values, scale) if n_q
                    else q.new_zeros(batch, heads, 0, dim_v))
-        ctx.save_for_backward(q, k, v, key_mask, rows, filled, landmarks, summary, values)
+        ctx.save_for_backward(q, k, v, key_mask, rows, filled, landmarks, summary, values, assignments, counts)
         ctx.comm, ctx.options = comm, options
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         from triton_kernels import key_summary, landmark_solve, query_apply
+        from triton_kernels import landmark_refine as refine_stage
         from triton_kernels import landmarks as landmark_stage
         from triton_kernels.gaussian_tiles import reduce_splits
 
-        q, k, v, key_mask, rows, filled, landmarks, summary, values = ctx.saved_tensors
+        q, k, v, key_mask, rows, filled, landmarks, summary, values, assignments, counts = ctx.saved_tensors
         comm = ctx.comm
         scale, ridge, inverse, ns_iters, deterministic = ctx.options
         f32 = dict(dtype=torch.float32)
@@ -418,12 +449,16 @@ class _ShardedTritonSkyformer(torch.autograd.Function):
             grad_landmarks += reduce_splits(grad_landmarks_keys, torch.float32)
         else:
             grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-        grad_landmarks = comm.sum(grad_landmarks) * filled[:, None, :, None]
+        grad_landmarks = comm.sum(grad_landmarks)
+        # A seed gets dL where its landmark never moved (got no row in any step), and only from its owner.
+        grad_seeds = grad_landmarks * ((counts == 0).all(0) & filled[:, None, :])[..., None]
         if q.shape[2] or k.shape[2]:
             # Each owner adds the total dL of its slots into its q / k rows (one launch, duplicates in slot
             # order); unfilled slots add zeros. A rank without keys lends the kernel a one-row dummy dk.
             grad_k_rows = grad_k if k.shape[2] else k.new_zeros(*k.shape[:2], 1, k.shape[3])
-            no_partials = grad_landmarks[None][:0]  # (0 splits, b, H, m, p): dL arrives whole
+            no_partials = grad_seeds[None][:0]  # (0 splits, b, H, m, p): dL arrives whole
             landmark_stage.backward_into(grad_q, grad_k_rows, rows.contiguous(), None, no_partials, no_partials,
-                                         grad_landmarks)
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+                                         grad_seeds)
+            if assignments.shape[0]:  # every local row's share dL_j / count_j, through the steps
+                refine_stage.backward_into(grad_q, grad_k, assignments, counts, grad_landmarks)
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None

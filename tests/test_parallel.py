@@ -212,6 +212,12 @@ def _dtype_cases() -> dict:
                                          options=dict(triton, inverse="cholesky")),
         "triton-float16-masked-cholesky": Case([13, 20], [13, 20], valid_keys=[30, 21], dtype=torch.float16,
                                                options=dict(triton, inverse="cholesky")),
+        # Lloyd steps on the Triton kernels: self-attention with a mask (padded queries take no part) and
+        # cross-attention with a mask whose rank 0 holds as many queries as keys (its queries all take part).
+        "triton-float32-refine-masked-random": Case([29, 11], [29, 11], valid_keys=[35, 18], landmarks="random",
+                                                    dtype=torch.float32, options=dict(triton, landmark_refine=2)),
+        "triton-float32-refine-cross-masked": Case([10, 10], [10, 9], valid_keys=[6, 3], dtype=torch.float32,
+                                                   options=dict(triton, inverse="cholesky", landmark_refine=1)),
         "torch-float32-masked-random": Case([29, 11], [29, 11], valid_keys=[35, 18], landmarks="random",
                                             dtype=torch.float32, options=torch_backend),
         "torch-bfloat16-cross": Case(**cross_without_keys, dtype=torch.bfloat16, options=torch_backend),

@@ -25,6 +25,8 @@ not FLOPs, bound this kernel (refine_config).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,7 @@ MASK_BLOCK = 128
 ASSIGN_MAX_REGISTERS, GRAD_MAX_REGISTERS, PACKED_GRAD_MAX_REGISTERS = 255, 64, 96
 # Sequence lengths and step/split counts vary call to call: unspecialised, one compiled variant for all.
 _kernel = kernel_with_runtime_ints(RUNTIME_INTS + ["n_q", "n_k", "step", "steps", "splits", "tiles_per_split",
-                                                   "key_offset"])
+                                                   "key_offset", "masks_queries"])
 
 
 def refine_config(m: int, dim: int, elem_bytes: int) -> dict:
@@ -139,7 +141,7 @@ def _assign_tile(x_base, s_r, s_d, row0, n_rows, mask_base, stride_mask, use_mas
 def lloyd_assign_kernel(Q, K, MASK, CU_Q, CU_K, L, SUMS, COUNTS, ASSIGN,
                         sq_b, sq_h, sq_r, sq_d, sk_b, sk_h, sk_r, sk_d, sm_b, sm_r, sl_b, sl_h, sl_r, sl_d,
                         ss_s, ss_b, ss_h, ss_r, ss_d, sc_s, sc_b, sc_h, sa_b, sa_h,
-                        n_q, n_k, key_offset, heads, group, m, tiles_per_split, dim, has_mask,
+                        n_q, n_k, key_offset, heads, group, m, tiles_per_split, dim, has_mask, masks_queries,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr):
     chunk, split = tl.program_id(0), tl.program_id(1)
@@ -159,7 +161,6 @@ def lloyd_assign_kernel(Q, K, MASK, CU_Q, CU_K, L, SUMS, COUNTS, ASSIGN,
     all_tiles = query_tiles + tl.cdiv(n_k, BLOCK_N)
     tile_start = split * tiles_per_split
     tile_stop = tl.minimum(tile_start + tiles_per_split, all_tiles)
-    masks_queries = has_mask * (n_q == n_k)  # self-attention: padded queries take no part either
     for tile in range(tile_start, tl.minimum(tile_stop, query_tiles)):
         sums, counts = _assign_tile(Q + q_first * sq_b + head * sq_h, sq_r, sq_d, tile * BLOCK_N, n_q, mask_base,
                                     sm_r, masks_queries, l_base, sl_r, sl_d, l_half, sums, counts,
@@ -291,49 +292,94 @@ def assignment_shape(steps: int, batch: int, heads: int, n_q: int, n_k: int, pac
     return steps, 1 if packed else batch, heads, n_q + n_k
 
 
-def forward(q, k, key_mask, seeds, steps: int, seqs: tuple[Sequences, Sequences] | None = None):
-    """(refined landmarks (b, H, m, p) in q's dtype, assignments (see assignment_shape) int32, counts
-    (steps, b, H, m) float32): ``steps`` Lloyd steps from ``seeds``, two launches each. seqs: packed q and k
-    (query and key Sequences, no key mask): batch row s of the landmarks is sequence s, its points the rows of
-    sequence s (a sequence without keys keeps its zero landmarks)."""
+class _AssignPlan(NamedTuple):
+    """What an assignment pass launches with: tiles, splits, the operands' addressing, the split buffers."""
+    cfg: dict
+    chunks: int
+    splits: int
+    tiles_per_split: int
+    operands: tuple  # (q, k, mask, cu_q, cu_k) and their strides, as the assign kernel takes them
+    sizes: tuple     # (n_q, n_k, heads, group, m, dim)
+    sums: torch.Tensor          # (splits, b, H, m, p) float32
+    split_counts: torch.Tensor  # (splits, b, H, m) float32
+
+
+def _assign_plan(q, k, key_mask, seeds, seqs) -> _AssignPlan:
     query_seqs, key_seqs = seqs if seqs is not None else (None, None)
     batch, heads, m, dim = seeds.shape
     _, _, n_q, _, q_strides, cu_q = _operand(q, query_seqs)
     _, kv_heads, n_k, _, k_strides, cu_k = _operand(k, key_seqs)
-    packed = seqs is not None
-    total_q, total_k = (q.shape[0], k.shape[0]) if packed else (n_q, n_k)
-    assignments = torch.empty(assignment_shape(steps, batch, heads, total_q, total_k, packed), dtype=torch.int32,
-                              device=q.device)
-    counts = torch.empty(steps, batch, heads, m, dtype=torch.float32, device=q.device)
-    if steps == 0:
-        return seeds, assignments, counts
     cfg = refine_config(m, dim, q.element_size())
     chunks = triton.cdiv(dim, cfg["CHUNK_D"])
     tiles = triton.cdiv(n_q, cfg["BLOCK_N"]) + triton.cdiv(n_k, cfg["BLOCK_N"])
     splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, batch * heads * chunks)))
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)
-    sums = torch.empty(splits, batch, heads, m, dim, dtype=torch.float32, device=q.device)
-    split_counts = torch.empty(splits, batch, heads, m, dtype=torch.float32, device=q.device)
     mask, sm_b, sm_r, has_mask = _mask_args(key_mask, q.device)
+    return _AssignPlan(cfg, chunks, splits, tiles_per_split,
+                       ((q, k, mask, cu_q, cu_k), (*q_strides, *k_strides, sm_b, sm_r), has_mask),
+                       (n_q, n_k, heads, heads // kv_heads, m, dim),
+                       torch.empty(splits, batch, heads, m, dim, dtype=torch.float32, device=q.device),
+                       torch.empty(splits, batch, heads, m, dtype=torch.float32, device=q.device))
+
+
+def _launch_assign(plan: _AssignPlan, landmarks, assignment, sa_b: int, sa_h: int, key_offset: int,
+                   masks_queries: bool, packed: bool) -> None:
+    (q, k, mask, cu_q, cu_k), strides, has_mask = plan.operands
+    n_q, n_k, heads, group, m, dim = plan.sizes
+    cfg = plan.cfg
+    lloyd_assign_kernel[(plan.chunks, plan.splits, landmarks.shape[0] * heads)](
+        q, k, mask, cu_q, cu_k, landmarks, plan.sums, plan.split_counts, assignment, *strides,
+        *landmarks.stride(), *plan.sums.stride(), *plan.split_counts.stride()[:3], sa_b, sa_h,
+        n_q, n_k, key_offset, heads, group, m, plan.tiles_per_split, dim, has_mask, int(masks_queries),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], CHUNK_D=cfg["CHUNK_D"], UPCAST=_upcast(q, k),
+        PRECISION=cfg["PRECISION"], PACKED=packed, num_warps=cfg["num_warps"], maxnreg=ASSIGN_MAX_REGISTERS)
+
+
+def forward(q, k, key_mask, seeds, steps: int, seqs: tuple[Sequences, Sequences] | None = None):
+    """(refined landmarks (b, H, m, p) in q's dtype, assignments (see assignment_shape) int32, counts
+    (steps, b, H, m) float32): ``steps`` Lloyd steps from ``seeds``, two launches each. seqs: packed q and k
+    (query and key Sequences, no key mask): batch row s of the landmarks is sequence s, its points the rows of
+    sequence s (a sequence without keys keeps its zero landmarks). With a key mask and n_q == n_k
+    (self-attention) the mask marks the valid queries too."""
+    batch, heads, m, dim = seeds.shape
+    packed = seqs is not None
+    plan = _assign_plan(q, k, key_mask, seeds, seqs)
+    n_q, n_k = plan.sizes[:2]
+    total_q, total_k = (q.shape[0], k.shape[0]) if packed else (n_q, n_k)
+    assignments = torch.empty(assignment_shape(steps, batch, heads, total_q, total_k, packed), dtype=torch.int32,
+                              device=q.device)
+    counts = torch.empty(steps, batch, heads, m, dtype=torch.float32, device=q.device)
+    if steps == 0:
+        return seeds, assignments, counts
     _, sa_b, sa_h, key_offset = _assignment_layout(assignments, packed, n_q, total_q)
-    upcast = _upcast(q, k)
+    (_, _, mask, _, cu_k), strides, has_mask = plan.operands
+    sm_b, sm_r = strides[-2:]
     landmarks = seeds
     for step in range(steps):
-        lloyd_assign_kernel[(chunks, splits, batch * heads)](
-            q, k, mask, cu_q, cu_k, landmarks, sums, split_counts, assignments[step], *q_strides, *k_strides, sm_b,
-            sm_r, *landmarks.stride(), *sums.stride(), *split_counts.stride()[:3], sa_b, sa_h,
-            n_q, n_k, key_offset, heads, heads // kv_heads, m, tiles_per_split, dim, has_mask,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], CHUNK_D=cfg["CHUNK_D"], UPCAST=upcast,
-            PRECISION=cfg["PRECISION"], PACKED=packed, num_warps=cfg["num_warps"], maxnreg=ASSIGN_MAX_REGISTERS)
+        _launch_assign(plan, landmarks, assignments[step], sa_b, sa_h, key_offset,
+                       key_mask is not None and n_q == n_k, packed)
         moved = torch.empty_like(seeds)
-        lloyd_update_kernel[(batch * heads, chunks)](
-            landmarks, sums, split_counts, mask, cu_k, moved, counts[step], *landmarks.stride(), *sums.stride(),
-            *split_counts.stride()[:3], sm_b, sm_r, *moved.stride(), *counts.stride()[1:3],
-            n_k, heads, m, splits, dim, has_mask, BLOCK_M=cfg["BLOCK_M"], CHUNK_D=cfg["CHUNK_D"],
-            MASK_BLOCK=MASK_BLOCK, PACKED=packed, num_warps=4)
+        lloyd_update_kernel[(batch * heads, plan.chunks)](
+            landmarks, plan.sums, plan.split_counts, mask, cu_k, moved, counts[step], *landmarks.stride(),
+            *plan.sums.stride(), *plan.split_counts.stride()[:3], sm_b, sm_r, *moved.stride(),
+            *counts.stride()[1:3], n_k, heads, m, plan.splits, dim, has_mask, BLOCK_M=plan.cfg["BLOCK_M"],
+            CHUNK_D=plan.cfg["CHUNK_D"], MASK_BLOCK=MASK_BLOCK, PACKED=packed, num_warps=4)
         landmarks = moved
     return landmarks, assignments, counts
+
+
+def assign_points(q, k, key_mask, landmarks, masks_queries: bool):
+    """The assignment half of a step on dense q, k (one launch), for callers that combine the sums
+    themselves (context parallel: over the ranks): (split sums (S, b, H, m, p) float32, split counts (S, b, H, m)
+    float32, assignment (b, H, n_q + n_k) int32, -1 for rows that take no part). masks_queries: key_mask
+    marks the valid queries too."""
+    batch, heads, n_q, _ = q.shape
+    plan = _assign_plan(q, k, key_mask, landmarks, None)
+    assignment = torch.empty(1, batch, heads, n_q + k.shape[2], dtype=torch.int32, device=q.device)
+    _, sa_b, sa_h, key_offset = _assignment_layout(assignment, False, n_q, n_q)
+    _launch_assign(plan, landmarks, assignment[0], sa_b, sa_h, key_offset, masks_queries, False)
+    return plan.sums, plan.split_counts, assignment
 
 
 def backward_into(grad_q, grad_k, assignments, counts, grad_landmarks,
