@@ -21,7 +21,7 @@ def _label(settings: dict) -> str:
 def table(runs: list[dict]) -> str:
     lengths = sorted(set.intersection(*(set(run["settings"]["lengths"]) for run in runs)))  # measured by all
     head = (["landmarks", "steps", "s / step"] + [f"cos@{n}" for n in lengths] + [f"MRR@{n}" for n in lengths]
-            + [f"fwd ms@{n}" for n in lengths])
+            + [f"fwd ms@{n} (x sdpa)" for n in lengths])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         quality, cost = run["quality"], run["cost"]
@@ -29,14 +29,19 @@ def table(runs: list[dict]) -> str:
                  f"{run['training']['seconds_per_step']:.2f}"]
         cells += [f"{quality[str(n)]['after']['cosine_mean']:.3f}" for n in lengths]
         cells += [f"{quality[str(n)]['after']['retrieval_student']['mrr']:.3f}" for n in lengths]
-        cells += [f"{1000 * cost[str(n)]['skyformer']['median_s']:.0f}" for n in lengths]
+        cells += [f"{1000 * cost[str(n)]['skyformer']['median_s']:.0f} ({cost[str(n)]['time_ratio_skyformer_over_sdpa']:.2f}x)"
+                  for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
     teacher = runs[0]["quality"]
     lines.append("| teacher (sdpa) | | | " + " | ".join("1" for _ in lengths) + " | "
                  + " | ".join(f"{teacher[str(n)]['teacher']['mrr']:.3f}" for n in lengths) + " | "
-                 + " | ".join(f"{1000 * runs[0]['cost'][str(n)]['sdpa']['median_s']:.0f}" for n in lengths) + " |")
-    commands = "\n".join(f"- `{run['command']}`" for run in runs)
-    return "\n".join(lines) + "\n\nRuns:\n" + commands + "\n"
+                 + " | ".join("(1x)" for _ in lengths) + " |")
+    commands = "\n".join(f"- `{run['command']}` ({run['started_at']})" for run in runs)
+    note = ("cos: mean cosine to the teacher's embeddings on held-out documents after distillation; MRR: retrieval "
+            "of each passage's continuation; s / step: one training step (teacher forward, student forward and "
+            "backward, 1024 tokens); fwd: the student's encoder forward (batch 4), in parentheses over sdpa's "
+            "measured in the same run (runs made at different times compare best by that ratio).")
+    return "\n".join(lines) + "\n\n" + note + "\n\nRuns:\n" + commands + "\n"
 
 
 def main(argv=None) -> str:
