@@ -34,6 +34,11 @@ Backends: "torch" composes the tiled PyTorch stages with autograd (the sums are 
 gathered in the input dtype, key summary, landmark solve, query apply, and their backward chain with the
 landmark-gradient scatter kernel) as one autograd node with the same four sums inside; Z, dZ and dL cross the
 ranks in float32, as the single-device op keeps them.
+
+landmark_refine (Lloyd steps over the whole sequence): every rank assigns its own rows to the replicated
+landmarks; the per-landmark sums and counts are summed over the ranks, one collective of m * (p + 1) per head
+and step, and the means are replicated. The backward hands each row dL_j / count_j of its landmark, which needs
+the total dL: the torch stages sum it once more per step (m * p), the Triton path has it from its dL sum.
 """
 
 from __future__ import annotations
