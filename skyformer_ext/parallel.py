@@ -361,6 +361,8 @@ def _triton_lloyd_steps(q, k, key_mask, landmarks, comm, steps, has_keys, querie
     from triton_kernels import landmark_refine as refine_stage
     from triton_kernels.gaussian_tiles import reduce_splits
 
+    from .torch_backend import moved_landmarks
+
     batch, heads, m, dim = landmarks.shape
     rows = q.shape[2] + k.shape[2]
     assignments = torch.empty(steps, batch, heads, rows, dtype=torch.int32, device=q.device)
@@ -376,9 +378,7 @@ def _triton_lloyd_steps(q, k, key_mask, landmarks, comm, steps, has_keys, querie
         totals = comm.sum(local)
         # A batch row with no valid key anywhere keeps its zero landmarks (the update kernel's rule).
         counts[step] = torch.where(has_keys[:, None, None], totals[..., -1], 0.0)
-        step_counts = counts[step][..., None]
-        landmarks = torch.where(step_counts > 0, totals[..., :-1] / step_counts.clamp_min(1),
-                                landmarks.float()).to(landmarks.dtype)
+        landmarks = moved_landmarks(totals[..., :-1], counts[step], landmarks.float())[0].to(landmarks.dtype)
     return landmarks, assignments, counts
 
 
@@ -408,11 +408,8 @@ class _ShardedTritonSkyformer(torch.autograd.Function):
             else:
                 local_summary = landmarks.new_zeros(batch, heads, m, dim_v, dtype=torch.float32)
             summary_total = comm.sum(local_summary)[None]  # one "split" of the solve's partial sums
-            if inverse == "cholesky":
-                values, summary, _ = landmark_solve.cholesky_forward(landmarks, summary_total, scale, ridge, q.dtype)
-            else:
-                values, summary = landmark_solve.solve_forward(landmarks, summary_total, scale, ridge, ns_iters,
-                                                               q.dtype)
+            values, summary = landmark_solve.forward(landmarks, summary_total, scale, ridge, inverse, ns_iters,
+                                                     q.dtype)
             out = (query_apply.forward(q, landmarks, values, scale) if n_q
                    else q.new_zeros(batch, heads, 0, dim_v))
         ctx.save_for_backward(q, k, v, key_mask, rows, filled, landmarks, summary, values, assignments, counts)
@@ -438,12 +435,8 @@ class _ShardedTritonSkyformer(torch.autograd.Function):
             grad_q, grad_landmarks = torch.zeros_like(q), landmarks.new_zeros(landmarks.shape, **f32)
             grad_values = values.new_zeros(1, *values.shape, **f32)
         # This rank's dY gives partial dZ and Gram dL (the solve is linear in dY); float32 dZ for the sum.
-        if inverse == "cholesky":
-            grad_summary_scaled, grad_factor, grad_landmarks_solve = landmark_solve.cholesky_backward(
-                grad_values, landmarks, summary, scale, ridge, torch.float32)
-        else:
-            grad_summary_scaled, grad_factor, grad_landmarks_solve = landmark_solve.solve_backward(
-                grad_values, landmarks, summary, scale, ridge, ns_iters, torch.float32)
+        grad_summary_scaled, grad_factor, grad_landmarks_solve = landmark_solve.backward(
+            grad_values, landmarks, summary, scale, ridge, inverse, ns_iters, torch.float32)
         grad_summary = comm.sum(grad_summary_scaled * grad_factor[..., None, None])
         grad_landmarks += grad_landmarks_solve
         if k.shape[2]:

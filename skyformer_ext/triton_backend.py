@@ -90,14 +90,8 @@ def skyformer_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
     with stage("key_summary"):
         summary_partials = key_summary.forward(k, v, landmarks, key_mask, scale, deterministic, key_seqs)
     with stage("landmark_solve"):
-        if inverse == "cholesky":
-            # A matrix that stays not positive definite after jitter gets NaN values (its status is not read
-            # back: no host sync); see README "Edge cases and guarantees".
-            values, summary, _ = landmark_solve.cholesky_forward(landmarks, summary_partials, scale, ridge,
-                                                                 q.dtype)
-        else:
-            values, summary = landmark_solve.solve_forward(landmarks, summary_partials, scale, ridge, ns_iters,
-                                                           q.dtype)
+        values, summary = landmark_solve.forward(landmarks, summary_partials, scale, ridge, inverse, ns_iters,
+                                                 q.dtype)
     with stage("query_apply"):
         out = query_apply.forward(q, landmarks, values, scale, query_seqs)
     return out, landmarks, indices, summary, values, assignments, counts
@@ -141,12 +135,8 @@ def skyformer_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
         grad_q, grad_landmarks_queries, grad_values = query_apply.backward(grad_out, q, landmarks, values,
                                                                            scale, deterministic, query_seqs)
     with stage("landmark_solve"):
-        if inverse == "cholesky":
-            grad_summary, grad_summary_factor, grad_landmarks_solve = landmark_solve.cholesky_backward(
-                grad_values, landmarks, summary, scale, ridge, q.dtype)
-        else:
-            grad_summary, grad_summary_factor, grad_landmarks_solve = landmark_solve.solve_backward(
-                grad_values, landmarks, summary, scale, ridge, ns_iters, q.dtype)
+        grad_summary, grad_summary_factor, grad_landmarks_solve = landmark_solve.backward(
+            grad_values, landmarks, summary, scale, ridge, inverse, ns_iters, q.dtype)
     with stage("key_summary"):
         grad_k, grad_v, grad_landmarks_keys = key_summary.backward(grad_summary, grad_summary_factor, k, v,
                                                                    landmarks, key_mask, scale, deterministic,

@@ -110,10 +110,10 @@ def _run_case(case: Case, rank: int):
     return [out.detach(), *(t.grad for t in local)]
 
 
-def _traffic(rank: int, world: int, n: int, refine: int = 0) -> tuple[int, int]:
+def _traffic(rank: int, world: int, n: int, dtype=torch.float64, **options) -> tuple[int, int]:
     """(collectives, bytes sent) of one forward + backward with n global tokens, split evenly."""
     sizes = [n // world] * world
-    case = Case(sizes, sizes, valid_keys=[n - 3, n // 2], landmarks="random", options=dict(landmark_refine=refine))
+    case = Case(sizes, sizes, valid_keys=[n - 3, n // 2], landmarks="random", dtype=dtype, options=options)
     with CollectiveCounter() as counter:
         _run_case(case, rank)
     return counter.calls, counter.bytes
@@ -127,7 +127,7 @@ def _worker(rank, world, port, out_dir):
         results["rerun"] = _run_case(_cases(world)[next(iter(_cases(world)))], rank)
         if world == 2:
             results["traffic"] = {n: _traffic(rank, world, n) for n in (256, 4096)}
-            results["refine traffic"] = {n: _traffic(rank, world, n, refine=2) for n in (256, 4096)}
+            results["refine traffic"] = {n: _traffic(rank, world, n, landmark_refine=2) for n in (256, 4096)}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -226,22 +226,14 @@ def _dtype_cases() -> dict:
     }
 
 
-def _triton_traffic(rank: int, world: int, n: int) -> tuple[int, int]:
-    sizes = [n // world] * world
-    case = Case(sizes, sizes, valid_keys=[n - 3, n // 2], landmarks="random", dtype=torch.float32,
-                options=dict(backend="triton", inverse="cholesky"))
-    with CollectiveCounter() as counter:
-        _run_case(case, rank)
-    return counter.calls, counter.bytes
-
-
 def _dtype_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {name: _run_case(case, rank) for name, case in _dtype_cases().items()}
         results["rerun"] = _run_case(_dtype_cases()["triton-float16-masked-cholesky"], rank)
-        results["traffic"] = {n: _triton_traffic(rank, world, n) for n in (32, 128)}
+        results["traffic"] = {n: _traffic(rank, world, n, torch.float32, backend="triton", inverse="cholesky")
+                              for n in (32, 128)}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

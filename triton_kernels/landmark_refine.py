@@ -376,7 +376,8 @@ def assign_points(q, k, key_mask, landmarks, masks_queries: bool):
     marks the valid queries too."""
     batch, heads, n_q, _ = q.shape
     plan = _assign_plan(q, k, key_mask, landmarks, None)
-    assignment = torch.empty(1, batch, heads, n_q + k.shape[2], dtype=torch.int32, device=q.device)
+    assignment = torch.empty(assignment_shape(1, batch, heads, n_q, k.shape[2], False), dtype=torch.int32,
+                             device=q.device)
     _, sa_b, sa_h, key_offset = _assignment_layout(assignment, False, n_q, n_q)
     _launch_assign(plan, landmarks, assignment[0], sa_b, sa_h, key_offset, masks_queries, False)
     return plan.sums, plan.split_counts, assignment

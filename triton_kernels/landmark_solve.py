@@ -812,3 +812,22 @@ def cholesky_backward(grad_value_partials: torch.Tensor, landmarks: torch.Tensor
         *grad_landmarks.stride(), *sizes, grad_value_partials.shape[0], *layout_args, scale, scale * LOG2_E,
         ridge, **meta)
     return grad_summary, grad_factor, grad_landmarks
+
+
+def forward(landmarks: torch.Tensor, summary_partials: torch.Tensor, scale: float, ridge: float, inverse: str,
+            ns_iters: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Z) by the chosen inverse ("newton_schulz" or "cholesky"). A Cholesky matrix that stays not positive
+    definite after jitter gets NaN values; its status is not read back (no host sync), see README "Edge cases
+    and guarantees"."""
+    if inverse == "cholesky":
+        return cholesky_forward(landmarks, summary_partials, scale, ridge, out_dtype)[:2]
+    return solve_forward(landmarks, summary_partials, scale, ridge, ns_iters, out_dtype)
+
+
+def backward(grad_value_partials: torch.Tensor, landmarks: torch.Tensor, summary: torch.Tensor, scale: float,
+             ridge: float, inverse: str, ns_iters: int,
+             grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of forward by the same inverse: (dZ / f in grad_dtype, f, dL of the Gram)."""
+    if inverse == "cholesky":
+        return cholesky_backward(grad_value_partials, landmarks, summary, scale, ridge, grad_dtype)
+    return solve_backward(grad_value_partials, landmarks, summary, scale, ridge, ns_iters, grad_dtype)
